@@ -1,0 +1,18 @@
+"""The policy model: a Flax NNX Llama 3 / Qwen2 / Qwen3 decoder, KV cache, HF checkpoints in/out.
+
+See `grpo_jax.models.decoder` for the call contract (forward, cache, sharding).
+"""
+
+from grpo_jax.models.config import (SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf,
+                                    config_to_hf)
+from grpo_jax.models.decoder import (Decoder, KVCache, cache_logical_axes, decoder_hidden,
+                                     default_positions, init_cache, init_sharded,
+                                     logical_axes_tree, repeat_cache, shard_model,
+                                     state_shardings)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "config_to_hf",
+    "Decoder", "KVCache", "cache_logical_axes", "decoder_hidden", "default_positions",
+    "init_cache", "init_sharded", "logical_axes_tree", "repeat_cache", "shard_model",
+    "state_shardings",
+]

@@ -1,0 +1,420 @@
+"""The policy decoder: Llama 3 / Qwen2 / Qwen3 in Flax NNX, with a KV cache.
+
+Contract (the sampler and the trainer build on exactly this):
+
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  logits_BxTxV = model(input_ids_BxT, attention_mask=mask_BxT)
+      Left-padded batches. `positions` defaults to cumsum(mask) - 1 clipped at 0, which is what
+      HF computes for left padding. Logits are float32 whatever the compute dtype.
+  hidden_BxTxE = model(input_ids_BxT, attention_mask=mask_BxT, return_hidden=True)
+      Final-norm hidden states (before the LM head); `lm_head_weight(model)` gives the [E, V] head.
+
+  cache = init_cache(config, batch_size, max_len, dtype=None)
+      A `KVCache` pytree: k, v [L, B, S, K, D] and valid [B, S] (bool). Nothing host-side, so it
+      can be a `lax.while_loop` carry; batch is the axis right after the layer axis.
+  logits_BxTxV, cache = model(input_ids_BxT, attention_mask=mask_BxT, positions=pos_BxT,
+                              cache=cache, cache_index=idx)
+      Writes the T new keys/values at slots [idx, idx + T) (idx: traced int32 scalar,
+      lax.dynamic_update_slice), marks them valid where mask_BxT is 1, and each query attends to
+      valid slots <= its own slot. Prefill = one call with the whole prompt at idx 0; decode = T=1
+      calls at idx = prompt_len, prompt_len + 1, ... Without `positions`, a cached call numbers its
+      tokens after the valid slots already in the cache.
+  cache = repeat_cache(cache, group_size)     # a a a b b b, as jnp.repeat along the batch.
+
+Functional use inside jit: `graphdef, state = nnx.split(model)`, then `nnx.merge(graphdef, state)`
+inside the jitted function.
+
+Sharding: every parameter is an `nnx.Param` carrying logical axis names in the metadata key
+`logical_axes` (e.g. ("embed", "mlp")), never mesh axes, so building a model needs no mesh.
+`logical_axes_tree(state)` gives those names as a tree, `state_shardings(abstract_state, mesh,
+rules)` maps them through `grpo_jax.sharding.logical_to_spec`, and `init_sharded(config, mesh)`
+initialises a model directly sharded (eval_shape -> shardings -> jit(init, out_shardings=...)),
+so no device ever holds the whole model.
+
+Layers are stacked (leading "layers" axis on every block parameter) and run with `lax.scan`:
+compile time stays flat in depth, which matters for CPU tests and for 28+ layer models alike.
+With `config.remat`, each scanned block is wrapped in `jax.checkpoint`, so the backward pass keeps
+only the residual stream between layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from grpo_jax import sharding as sharding_lib
+from grpo_jax.models.config import ModelConfig
+
+_INIT_STD = 0.02
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Decoding cache. k, v: [L, B, S, K, D]; valid: [B, S] bool (slot holds a real token)."""
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
+  """An empty cache for `batch_size` sequences of up to `max_len` tokens (prompt + response).
+
+  Args:
+    config: the model config.
+    batch_size: B.
+    max_len: S, number of slots.
+    dtype: storage dtype of k/v; defaults to the compute dtype.
+  """
+  if batch_size < 1 or max_len < 1:
+    raise ValueError(f"init_cache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+  dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros((batch_size, max_len), jnp.bool_))
+
+
+def repeat_cache(cache: KVCache, group_size: int) -> KVCache:
+  """Repeats every sequence's cache `group_size` times along the batch (a a a b b b)."""
+  return KVCache(k=jnp.repeat(cache.k, group_size, axis=1),
+                 v=jnp.repeat(cache.v, group_size, axis=1),
+                 valid=jnp.repeat(cache.valid, group_size, axis=0))
+
+
+def cache_logical_axes() -> KVCache:
+  """Logical axis names of the cache arrays (for sharding it like the activations)."""
+  kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+  return KVCache(k=kv, v=kv, valid=("batch", "length"))
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _param(rngs: nnx.Rngs | None, shape, dtype, axes, kind: str) -> nnx.Param:
+  if kind == "ones":
+    value = jnp.ones(shape, dtype)
+  elif kind == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Layers(nnx.Module):
+  """All decoder blocks, stacked: every parameter has a leading layer axis."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    L, E, F, H, K, D = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
+                        c.num_kv_heads, c.head_dim)
+    pd = jnp.dtype(c.param_dtype)
+    self.attn_norm = _param(rngs, (L, E), pd, ("layers", "norm"), "ones")
+    self.q_proj = _param(rngs, (L, E, H, D), pd, ("layers", "embed", "heads", "head_dim"), "normal")
+    self.k_proj = _param(rngs, (L, E, K, D), pd, ("layers", "embed", "kv_heads", "head_dim"),
+                         "normal")
+    self.v_proj = _param(rngs, (L, E, K, D), pd, ("layers", "embed", "kv_heads", "head_dim"),
+                         "normal")
+    self.o_proj = _param(rngs, (L, H, D, E), pd, ("layers", "heads", "head_dim", "embed"), "normal")
+    if c.attention_bias:
+      self.q_bias = _param(rngs, (L, H, D), pd, ("layers", "heads", "head_dim"), "zeros")
+      self.k_bias = _param(rngs, (L, K, D), pd, ("layers", "kv_heads", "head_dim"), "zeros")
+      self.v_bias = _param(rngs, (L, K, D), pd, ("layers", "kv_heads", "head_dim"), "zeros")
+    if c.qk_norm:
+      self.q_norm = _param(rngs, (L, D), pd, ("layers", "head_dim"), "ones")
+      self.k_norm = _param(rngs, (L, D), pd, ("layers", "head_dim"), "ones")
+    self.mlp_norm = _param(rngs, (L, E), pd, ("layers", "norm"), "ones")
+    self.gate_proj = _param(rngs, (L, E, F), pd, ("layers", "embed", "mlp"), "normal")
+    self.up_proj = _param(rngs, (L, E, F), pd, ("layers", "embed", "mlp"), "normal")
+    self.down_proj = _param(rngs, (L, F, E), pd, ("layers", "mlp", "embed"), "normal")
+
+
+LAYER_PARAM_NAMES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias",
+                     "v_bias", "q_norm", "k_norm", "mlp_norm", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def rms_norm(x_BxTxE: jax.Array, weight_E: jax.Array, eps: float) -> jax.Array:
+  """HF RMSNorm: normalise in float32, cast back, then scale (in that order, for parity)."""
+  x32 = x_BxTxE.astype(jnp.float32)
+  var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+  y = (x32 * jax.lax.rsqrt(var + eps)).astype(x_BxTxE.dtype)
+  w = weight_E.reshape((1,) * (y.ndim - 1) + weight_E.shape)
+  return (w.astype(jnp.float32) * y.astype(jnp.float32)).astype(x_BxTxE.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+  """[D/2] inverse frequencies, with llama3 scaling as in transformers' _compute_llama3_parameters."""
+  d = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  rs = config.rope_scaling
+  if rs is None:
+    return inv_freq
+  factor = float(rs["factor"])
+  low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+  old_len = float(rs["original_max_position_embeddings"])
+  low_freq_wavelen = old_len / low
+  high_freq_wavelen = old_len / high
+  wavelen = 2 * math.pi / inv_freq
+  inv_freq_llama = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, inv_freq_llama)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, D] in float32 (HF layout: the half-frequencies repeated twice)."""
+  freqs_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  emb_BxTxD = jnp.concatenate([freqs_BxTxD2, freqs_BxTxD2], axis=-1)
+  return jnp.cos(emb_BxTxD), jnp.sin(emb_BxTxD)
+
+
+def apply_rope(x_BxTxNxD: jax.Array, cos_BxTxD: jax.Array, sin_BxTxD: jax.Array) -> jax.Array:
+  """Rotary embedding, rotate_half convention (first half / second half of each head)."""
+  x = x_BxTxNxD.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BxTxD[:, :, None, :] + rotated * sin_BxTxD[:, :, None, :]
+  return out.astype(x_BxTxNxD.dtype)
+
+
+def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+              mask_BxTxS: jax.Array) -> jax.Array:
+  """Grouped-query attention with a float32 softmax. Returns [B, T, H, D] in q's dtype.
+
+  Query head h reads KV head h // (H / K), as HF's repeat_kv does. A row with no visible key
+  (a left-pad query) gets uniform weights instead of NaN; its output is never used.
+  """
+  B, T, H, D = q_BxTxHxD.shape
+  K = k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+  scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                                preferred_element_type=jnp.float32) / math.sqrt(D)
+  big_neg = jnp.finfo(jnp.float32).min
+  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None, :, :], scores_BxKxGxTxS, big_neg)
+  probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  return out_BxTxKxGxD.reshape(B, T, H, D)
+
+
+def _block(config: ModelConfig, w: Mapping[str, jax.Array], x_BxTxE: jax.Array,
+           cos_BxTxD: jax.Array, sin_BxTxD: jax.Array, kv_fn) -> jax.Array:
+  """One pre-norm decoder block. `kv_fn(k, v) -> (keys, values, mask_BxTxS)` hides the cache."""
+  dt = jnp.dtype(config.dtype)
+  cast = lambda name: w[name].astype(dt)
+  h_BxTxE = rms_norm(x_BxTxE, w["attn_norm"], config.rms_norm_eps)
+  q = jnp.einsum("bte,ehd->bthd", h_BxTxE, cast("q_proj"))
+  k = jnp.einsum("bte,ekd->btkd", h_BxTxE, cast("k_proj"))
+  v = jnp.einsum("bte,ekd->btkd", h_BxTxE, cast("v_proj"))
+  if config.attention_bias:
+    q = q + cast("q_bias")[None, None]
+    k = k + cast("k_bias")[None, None]
+    v = v + cast("v_bias")[None, None]
+  if config.qk_norm:
+    q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
+  q = apply_rope(q, cos_BxTxD, sin_BxTxD)
+  k = apply_rope(k, cos_BxTxD, sin_BxTxD)
+  keys, values, mask_BxTxS = kv_fn(k, v)
+  attn_BxTxHxD = attention(q, keys.astype(dt), values.astype(dt), mask_BxTxS)
+  x_BxTxE = x_BxTxE + jnp.einsum("bthd,hde->bte", attn_BxTxHxD, cast("o_proj"))
+  h_BxTxE = rms_norm(x_BxTxE, w["mlp_norm"], config.rms_norm_eps)
+  gate_BxTxF = jnp.einsum("bte,ef->btf", h_BxTxE, cast("gate_proj"))
+  up_BxTxF = jnp.einsum("bte,ef->btf", h_BxTxE, cast("up_proj"))
+  act_BxTxF = (jax.nn.silu(gate_BxTxF.astype(jnp.float32)) * up_BxTxF.astype(jnp.float32)).astype(dt)
+  return x_BxTxE + jnp.einsum("btf,fe->bte", act_BxTxF, cast("down_proj"))
+
+
+def default_positions(mask_BxT: jax.Array) -> jax.Array:
+  """cumsum(mask) - 1 clipped at 0: position 0 is the first real token of a left-padded row."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def decoder_hidden(config: ModelConfig, params: Mapping[str, Any], input_ids_BxT: jax.Array,
+                   mask_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
+                   cache: KVCache | None = None, cache_index: Any = None):
+  """Pure forward to the final-norm hidden states.
+
+  Args:
+    config: the model config.
+    params: {"embed": [V, E], "final_norm": [E], "layers": {name: [L, ...]}} (arrays).
+    input_ids_BxT: int token ids.
+    mask_BxT: 1 for real tokens, 0 for padding; all ones when None.
+    positions_BxT: RoPE positions; see the module docstring for the default.
+    cache: optional KVCache; then `cache_index` (int32 scalar) is the first slot to write.
+
+  Returns:
+    hidden_BxTxE (compute dtype), and the updated cache (None without a cache).
+  """
+  if input_ids_BxT.ndim != 2:
+    raise ValueError(f"input_ids: expected [B, T], got shape {input_ids_BxT.shape}")
+  B, T = input_ids_BxT.shape
+  if mask_BxT is None:
+    mask_BxT = jnp.ones((B, T), jnp.int32)
+  if mask_BxT.shape != (B, T):
+    raise ValueError(f"attention_mask: expected shape {(B, T)}, got {mask_BxT.shape}")
+  valid_BxT = mask_BxT.astype(jnp.bool_)
+  dt = jnp.dtype(config.dtype)
+
+  if cache is not None:
+    if cache_index is None:
+      raise ValueError("cache_index: required when a cache is given")
+    S = cache.valid.shape[1]
+    idx = jnp.asarray(cache_index, jnp.int32)
+    if positions_BxT is None:
+      before_B = jnp.sum(cache.valid & (jnp.arange(S)[None, :] < idx), axis=1, dtype=jnp.int32)
+      positions_BxT = before_B[:, None] + default_positions(mask_BxT)
+    valid_BxS = jax.lax.dynamic_update_slice(cache.valid, valid_BxT, (0, idx))
+    slot_T = idx + jnp.arange(T, dtype=jnp.int32)
+    causal_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= slot_T[:, None]
+    mask_BxTxS = causal_TxS[None, :, :] & valid_BxS[:, None, :]
+  else:
+    if positions_BxT is None:
+      positions_BxT = default_positions(mask_BxT)
+    causal_TxT = jnp.tril(jnp.ones((T, T), jnp.bool_))
+    mask_BxTxS = causal_TxT[None, :, :] & valid_BxT[:, None, :]
+
+  cos_BxTxD, sin_BxTxD = rope_cos_sin(positions_BxT, rope_inv_freq(config))
+  x_BxTxE = jnp.take(params["embed"], input_ids_BxT, axis=0).astype(dt)
+  layer_w = params["layers"]
+
+  if cache is None:
+    def body(x, w):
+      kv_fn = lambda k, v: (k, v, mask_BxTxS)
+      return _block(config, w, x, cos_BxTxD, sin_BxTxD, kv_fn), None
+    if config.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, layer_w)
+    new_cache = None
+  else:
+    # The whole cache rides in the carry and each layer updates only its T new slots in place;
+    # scanning the cache as xs/ys would copy all S slots of every layer per decode step.
+    def body(carry, xs):
+      x, k_all, v_all = carry
+      w, layer = xs
+
+      def kv_fn(k_BxTxKxD, v_BxTxKxD):
+        nonlocal k_all, v_all
+        start = (layer, jnp.int32(0), idx, jnp.int32(0), jnp.int32(0))
+        k_all = jax.lax.dynamic_update_slice(k_all, k_BxTxKxD[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v_BxTxKxD[None].astype(v_all.dtype), start)
+        keys = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+        return keys, values, mask_BxTxS
+
+      x = _block(config, w, x, cos_BxTxD, sin_BxTxD, kv_fn)
+      return (x, k_all, v_all), None
+
+    layers_idx = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x_BxTxE, k_all, v_all), _ = jax.lax.scan(body, (x_BxTxE, cache.k, cache.v),
+                                              (layer_w, layers_idx))
+    new_cache = KVCache(k=k_all, v=v_all, valid=valid_BxS)
+
+  hidden_BxTxE = rms_norm(x_BxTxE, params["final_norm"], config.rms_norm_eps)
+  return hidden_BxTxE, new_cache
+
+
+class Decoder(nnx.Module):
+  """Decoder-only transformer (Llama 3 / Qwen2 / Qwen3). See the module docstring for the API."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, ModelConfig):
+      raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+    self.config = config
+    pd = jnp.dtype(config.param_dtype)
+    V, E = config.vocab_size, config.hidden_size
+    self.embed = _param(rngs, (V, E), pd, ("vocab", "embed"), "normal")
+    self.layers = Layers(config, rngs=rngs)
+    self.final_norm = _param(rngs, (E,), pd, ("norm",), "ones")
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, (E, V), pd, ("embed", "vocab"), "normal")
+
+  def arrays(self) -> dict[str, Any]:
+    """The parameters as plain arrays in the layout `decoder_hidden` takes."""
+    layers = {n: getattr(self.layers, n)[...] for n in LAYER_PARAM_NAMES
+              if hasattr(self.layers, n)}
+    return {"embed": self.embed[...], "final_norm": self.final_norm[...], "layers": layers}
+
+  def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, cache: KVCache | None = None,
+               cache_index: Any = None, return_hidden: bool = False):
+    """Logits [B, T, V] float32 (or hidden states with `return_hidden`); with a cache, also the cache."""
+    hidden_BxTxE, new_cache = decoder_hidden(self.config, self.arrays(), input_ids_BxT,
+                                             attention_mask, positions, cache, cache_index)
+    out = hidden_BxTxE if return_hidden else self.logits(hidden_BxTxE)
+    return out if cache is None else (out, new_cache)
+
+  def lm_head_weight(self) -> jax.Array:
+    """[E, V] LM head (the transposed embedding when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits(self, hidden_BxTxE: jax.Array) -> jax.Array:
+    """LM head in the compute dtype, accumulated and returned in float32."""
+    w_ExV = self.lm_head_weight().astype(hidden_BxTxE.dtype)
+    return jnp.einsum("bte,ev->btv", hidden_BxTxE, w_ExV, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def logical_axes_tree(state: Any) -> Any:
+  """Same tree as `state` (an nnx.State), leaves = tuples of logical axis names (None if unnamed)."""
+  def axes(v):
+    names = v.get_metadata().get("logical_axes")
+    return tuple(names) if names is not None else (None,) * len(v.get_value().shape)
+  return jax.tree.map(axes, state, is_leaf=_is_var)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh,
+                    rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES) -> Any:
+  """NamedSharding per parameter (a tree prefix of `abstract_state`, usable as jit in/out_shardings).
+
+  Args:
+    abstract_state: nnx.State of arrays or ShapeDtypeStructs (from `nnx.eval_shape`).
+    mesh: the device mesh.
+    rules: logical axis -> mesh axes (grpo_jax.sharding.TRAIN_RULES by default).
+  """
+  def shard(v):
+    names = v.get_metadata().get("logical_axes")
+    shape = v.get_value().shape
+    names = tuple(names) if names is not None else (None,) * len(shape)
+    return NamedSharding(mesh, sharding_lib.logical_to_spec(names, shape, mesh, rules))
+  return jax.tree.map(shard, abstract_state, is_leaf=_is_var)
+
+
+def init_sharded(config: ModelConfig, mesh: Mesh,
+                 rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES, seed: int = 0) -> Decoder:
+  """Initialises a Decoder whose parameters are born sharded on `mesh` (never gathered on one device)."""
+  abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.state(Decoder(config, rngs=nnx.Rngs(seed)))
+
+  return nnx.merge(graphdef, init())
+
+
+def shard_model(model: Decoder, mesh: Mesh,
+                rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES) -> Decoder:
+  """Places an existing model's parameters onto `mesh` (for small models or tests)."""
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, state_shardings(state, mesh, rules))
+  return nnx.merge(graphdef, state)
