@@ -1,0 +1,303 @@
+"""Hugging Face checkpoints in and out: `config.json` + `*.safetensors` <-> `Decoder`.
+
+`from_pretrained` reads a local folder (one `model.safetensors`, or shards listed in
+`model.safetensors.index.json`). With a mesh, every parameter is created by
+`jax.make_array_from_callback`: each device's callback reads only its own slice of the file with
+safetensors' `get_slice`, so a large model is never materialised whole on one host.
+`save_pretrained` writes what `transformers.AutoModelForCausalLM.from_pretrained` loads unchanged.
+
+Layout mapping (ours <- HF, per layer; ours are stacked over layers):
+  q/k/v_proj [E, N, D] <- self_attn.{q,k,v}_proj.weight [N*D, E]
+  o_proj     [H, D, E] <- self_attn.o_proj.weight [E, H*D]
+  gate/up    [E, F]    <- mlp.{gate,up}_proj.weight [F, E];  down [F, E] <- mlp.down_proj.weight [E, F]
+  lm_head    [E, V]    <- lm_head.weight [V, E]   (absent when tied)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from grpo_jax import sharding as sharding_lib
+from grpo_jax.models.config import ModelConfig, canonical_dtype, config_from_hf, config_to_hf
+from grpo_jax.models.decoder import LAYER_PARAM_NAMES, Decoder, state_shardings
+
+# name -> (HF name (with {i} for the layer), groups). `groups[j]` lists which of our (per-layer)
+# axes make up HF dimension j, outermost first: ((1, 2), (0,)) means HF dim 0 = our axes 1 and 2
+# flattened, HF dim 1 = our axis 0.
+_TOP = {
+    "embed": ("model.embed_tokens.weight", ((0,), (1,))),
+    "final_norm": ("model.norm.weight", ((0,),)),
+    "lm_head": ("lm_head.weight", ((1,), (0,))),
+}
+_LAYER = {
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", ((0,),)),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", ((0,),)),
+    "q_proj": ("model.layers.{i}.self_attn.q_proj.weight", ((1, 2), (0,))),
+    "k_proj": ("model.layers.{i}.self_attn.k_proj.weight", ((1, 2), (0,))),
+    "v_proj": ("model.layers.{i}.self_attn.v_proj.weight", ((1, 2), (0,))),
+    "o_proj": ("model.layers.{i}.self_attn.o_proj.weight", ((2,), (0, 1))),
+    "q_bias": ("model.layers.{i}.self_attn.q_proj.bias", ((0, 1),)),
+    "k_bias": ("model.layers.{i}.self_attn.k_proj.bias", ((0, 1),)),
+    "v_bias": ("model.layers.{i}.self_attn.v_proj.bias", ((0, 1),)),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", ((0,),)),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", ((0,),)),
+    "gate_proj": ("model.layers.{i}.mlp.gate_proj.weight", ((1,), (0,))),
+    "up_proj": ("model.layers.{i}.mlp.up_proj.weight", ((1,), (0,))),
+    "down_proj": ("model.layers.{i}.mlp.down_proj.weight", ((1,), (0,))),
+}
+assert set(_LAYER) == set(LAYER_PARAM_NAMES)
+
+_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+
+
+def _hf_shape(groups, shape) -> tuple[int, ...]:
+  return tuple(math.prod(shape[a] for a in g) for g in groups)
+
+
+def _to_ours(block: np.ndarray, groups, shape, index: tuple[slice, ...]) -> np.ndarray:
+  """Turns an HF block (already cut to the outer ranges) into our layout, cut to `index`."""
+  split, inner = [], []
+  for g in groups:
+    split.append(index[g[0]].stop - index[g[0]].start)
+    inner.append(slice(None))
+    for a in g[1:]:
+      split.append(shape[a])
+      inner.append(index[a])
+  block = block.reshape(split)[tuple(inner)]
+  order = [a for g in groups for a in g]
+  return block.transpose([order.index(j) for j in range(len(order))])
+
+
+def _hf_index(groups, shape, index: tuple[slice, ...]) -> tuple[slice, ...]:
+  """The contiguous HF ranges covering `index` (inner axes of a group are read whole)."""
+  out = []
+  for g in groups:
+    inner = math.prod(shape[a] for a in g[1:])
+    out.append(slice(index[g[0]].start * inner, index[g[0]].stop * inner))
+  return tuple(out)
+
+
+def _from_ours(ours: np.ndarray, groups) -> np.ndarray:
+  order = [a for g in groups for a in g]
+  return ours.transpose(order).reshape(_hf_shape(groups, ours.shape))
+
+
+class _Checkpoint:
+  """Open safetensors files of one folder, tensor name -> file, with checked reads."""
+
+  def __init__(self, path: str, stack: contextlib.ExitStack):
+    from safetensors import safe_open
+    self.path = path
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index_file):
+      with open(index_file) as f:
+        self.where = dict(json.load(f)["weight_map"])
+      files = sorted(set(self.where.values()))
+    elif os.path.exists(single):
+      files = ["model.safetensors"]
+      self.where = None
+    else:
+      found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+      if not found:
+        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                                f"*.safetensors file")
+      files, self.where = found, None
+    self.handles = {}
+    for fname in files:
+      full = os.path.join(path, fname)
+      if not os.path.exists(full):
+        raise FileNotFoundError(f"{index_file}: lists {fname}, which does not exist")
+      self.handles[fname] = stack.enter_context(safe_open(full, framework="numpy"))
+    if self.where is None:
+      self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
+
+  def has(self, name: str) -> bool:
+    return name in self.where
+
+  def slice(self, name: str, expected_shape: tuple[int, ...]):
+    if name not in self.where:
+      raise KeyError(f"{self.path}: tensor {name!r} is missing from "
+                     f"{', '.join(sorted(self.handles))}")
+    fname = self.where[name]
+    if name not in self.handles[fname].keys():
+      raise KeyError(f"{os.path.join(self.path, fname)}: tensor {name!r} is missing (the index "
+                     f"says it is there)")
+    sl = self.handles[fname].get_slice(name)
+    shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+    if shape != tuple(expected_shape):
+      raise ValueError(f"{os.path.join(self.path, fname)}: tensor {name!r} has shape {shape}, "
+                       f"expected {tuple(expected_shape)} from config.json")
+    if dt not in _FLOAT_DTYPES:
+      raise ValueError(f"{os.path.join(self.path, fname)}: tensor {name!r} has dtype {dt}; only "
+                       f"{sorted(_FLOAT_DTYPES)} can be loaded (quantised weights are not supported)")
+    return sl
+
+
+def _norm_index(index, shape) -> tuple[slice, ...]:
+  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _read_param(ckpt: _Checkpoint, name: str, shape, dtype, index) -> np.ndarray:
+  """Reads our parameter `name` (full stacked shape `shape`), cut to `index`, as `dtype`."""
+  index = _norm_index(index, shape)
+  if name in _TOP:
+    hf_name, groups = _TOP[name]
+    sl = ckpt.slice(hf_name, _hf_shape(groups, shape))
+    block = sl[_hf_index(groups, shape, index)]
+    return _to_ours(np.asarray(block), groups, shape, index).astype(dtype)
+  template, groups = _LAYER[name]
+  per_layer, sub = shape[1:], index[1:]
+  blocks = []
+  for i in range(index[0].start, index[0].stop):
+    sl = ckpt.slice(template.format(i=i), _hf_shape(groups, per_layer))
+    block = sl[_hf_index(groups, per_layer, sub)]
+    blocks.append(_to_ours(np.asarray(block), groups, per_layer, sub).astype(dtype))
+  if not blocks:
+    return np.zeros((0,) + tuple(s.stop - s.start for s in sub), dtype)
+  return np.stack(blocks)
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{cfg_file}: not found (from_pretrained needs a local HF model folder)")
+  with open(cfg_file) as f:
+    return json.load(f)
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = None,
+                    mesh: Mesh | None = None,
+                    rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES,
+                    remat: bool = False) -> Decoder:
+  """Loads a Llama / Qwen2 / Qwen3 checkpoint from a local HF folder into a Decoder.
+
+  Args:
+    path: folder with config.json and safetensors (tokenizer files may sit beside them).
+    dtype: compute dtype ("float32" / "bfloat16").
+    param_dtype: parameter dtype; defaults to `dtype`. The file's dtype is cast to it.
+    mesh: when given, each parameter is placed straight onto its sharding (per-device reads).
+    rules: logical axis rules for the mesh.
+    remat: rematerialise each layer in the backward pass.
+  """
+  path = os.fspath(path)
+  dtype = canonical_dtype(dtype, "dtype")
+  param_dtype = canonical_dtype(dtype if param_dtype is None else param_dtype, "param_dtype")
+  config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat,
+                          source=os.path.join(path, "config.json"))
+  abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
+  np_dtype = np.dtype(jnp.dtype(param_dtype))
+  pure = nnx.to_pure_dict(abstract_state)
+
+  with contextlib.ExitStack() as stack:
+    ckpt = _Checkpoint(path, stack)
+
+    def load(keypath, leaf):
+      name = keypath[-1].key
+      shape = tuple(leaf.shape)
+      if mesh is None:
+        full = tuple(slice(0, n) for n in shape)
+        return jnp.asarray(_read_param(ckpt, name, shape, np_dtype, full))
+      sharding = _lookup(shardings, keypath)
+      return jax.make_array_from_callback(
+          shape, sharding, lambda idx: _read_param(ckpt, name, shape, np_dtype, idx))
+
+    arrays = jax.tree_util.tree_map_with_path(load, pure)
+  nnx.replace_by_pure_dict(abstract_state, arrays)
+  return nnx.merge(graphdef, abstract_state)
+
+
+def _lookup(tree, keypath):
+  for k in keypath:
+    tree = tree[k.key]
+  return tree
+
+
+def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
+  """The model's parameters as host NumPy arrays under their HF names, in the parameter dtype."""
+  def host(x):
+    # On several processes a sharded array must be gathered first.
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+  arrays = model.arrays()
+  out = {}
+  for name, (hf_name, groups) in _TOP.items():
+    if name == "lm_head":
+      if model.config.tie_word_embeddings:
+        continue
+      value = model.lm_head[...]
+    else:
+      value = arrays[name]
+    out[hf_name] = _from_ours(host(value), groups)
+  for name, w in arrays["layers"].items():
+    template, groups = _LAYER[name]
+    w = host(w)
+    for i in range(w.shape[0]):
+      out[template.format(i=i)] = np.ascontiguousarray(_from_ours(w[i], groups))
+  return out
+
+
+def save_pretrained(model: Decoder, path: str | os.PathLike, *,
+                    max_shard_bytes: int = 5 * 2**30,
+                    hf_config_extra: Mapping[str, Any] | None = None) -> None:
+  """Writes config.json + safetensors (sharded with an index above `max_shard_bytes`).
+
+  The result loads with `transformers.AutoModelForCausalLM.from_pretrained(path)` and with
+  `from_pretrained(path)`. Tensors are written in the parameter dtype. Only process 0 writes.
+
+  Args:
+    model: the Decoder.
+    path: output folder (created).
+    max_shard_bytes: largest safetensors file.
+    hf_config_extra: extra config.json keys (e.g. bos_token_id / eos_token_id).
+  """
+  from safetensors.numpy import save_file
+
+  path = os.fspath(path)
+  tensors = hf_tensors(model)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_hf(model.config, **dict(hf_config_extra or {})), f, indent=2, sort_keys=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, t in tensors.items():
+    if shards[-1] and size + t.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = t
+    size += t.nbytes
+  # transformers refuses safetensors without format=pt metadata.
+  meta = {"format": "pt"}
+  for stale in os.listdir(path):
+    if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+      os.remove(os.path.join(path, stale))
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+    return
+  weight_map = {}
+  for k, shard in enumerate(shards):
+    fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(path, fname), metadata=meta)
+    weight_map.update({name: fname for name in shard})
+  total = sum(t.nbytes for t in tensors.values())
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
