@@ -245,7 +245,8 @@ def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
       value = model.lm_head[...]
     else:
       value = arrays[name]
-    out[hf_name] = _from_ours(host(value), groups)
+    # safetensors writes the raw buffer: a transposed view must be made contiguous first.
+    out[hf_name] = np.ascontiguousarray(_from_ours(host(value), groups))
   for name, w in arrays["layers"].items():
     template, groups = _LAYER[name]
     w = host(w)
