@@ -20,7 +20,9 @@ rely on, re-derived from Search-R1's ``search_r1/llm_agent/generation.py`` and
 
 One deliberate difference: Search-R1 cuts at ``</search>`` whenever it occurs and only otherwise at
 ``</answer>``; we cut at whichever closes *first*. That is where a sampler with both stop strings
-stops, and the action parsed from the cut text is the same in both (the first block).
+stops, so on what such a sampler produces the two agree; they differ only on text that runs on
+past a first ``</answer>`` to a ``</search>``: ``<search>a</answer> b</search>`` is a search for
+``a</answer> b`` in Search-R1 and an invalid turn here.
 """
 
 from __future__ import annotations
