@@ -1,0 +1,137 @@
+"""Benchmark: jitted `grpo` advantages vs verl-style dict loops, NumPy bincount and a copy floor.
+
+  python bench/advantages.py                # N in {1e4, 1e5, 1e6, 1e7}, G in {4, 16, 64}
+  python bench/advantages.py --sizes 1e4,1e5 --loop-max 1e5 --repeats 5
+
+For every (N, G): rewards uniform in [0, 1), ids = repeat(arange(N/G), G) shuffled. Timed, each as
+the median of `--repeats` runs after one warm-up:
+  ours        jax.jit(compute_advantages) on device-resident inputs, block_until_ready.
+  verl_torch  verl's compute_grpo_outcome_advantage loop: scores grouped by uid in a Python dict,
+              torch.mean / torch.std per group, then a Python loop over samples.
+  verl_numpy  the same dict loop with NumPy.
+  bincount    vectorised NumPy: np.bincount for count, sum, sum of squared deviations.
+  copy        jitted x * 1 on the same bytes (the floor: one read + one write of [N] float32).
+The dict loops run only for N <= --loop-max (default 1e6: at 1e7 one run takes minutes).
+Prints a Markdown table; the results in BENCHMARKS.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grpo_jax import advantages as adv_lib  # noqa: E402
+
+
+def verl_torch(scores_np, index, eps=1e-6):
+  import torch
+  scores = torch.from_numpy(scores_np.copy())
+  id2score = collections.defaultdict(list)
+  id2mean, id2std = {}, {}
+  bsz = scores.shape[0]
+  for i in range(bsz):
+    id2score[index[i]].append(scores[i])
+  for idx in id2score:
+    if len(id2score[idx]) == 1:
+      id2mean[idx], id2std[idx] = torch.tensor(0.0), torch.tensor(1.0)
+    else:
+      t = torch.stack(id2score[idx])
+      id2mean[idx], id2std[idx] = torch.mean(t), torch.std(t)
+  for i in range(bsz):
+    scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
+  return scores.numpy()
+
+
+def verl_numpy(scores, index, eps=1e-6):
+  id2score = collections.defaultdict(list)
+  id2mean, id2std = {}, {}
+  for i in range(len(scores)):
+    id2score[index[i]].append(scores[i])
+  for idx, vals in id2score.items():
+    if len(vals) == 1:
+      id2mean[idx], id2std[idx] = 0.0, 1.0
+    else:
+      a = np.asarray(vals)
+      id2mean[idx], id2std[idx] = a.mean(), a.std(ddof=1)
+  out = np.empty_like(scores)
+  for i in range(len(scores)):
+    out[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
+  return out
+
+
+def numpy_bincount(scores, ids, num_groups, eps=1e-6):
+  count = np.bincount(ids, minlength=num_groups).astype(np.float64)
+  mean = np.bincount(ids, scores, minlength=num_groups) / np.maximum(count, 1)
+  dev = scores - mean[ids]
+  std = np.sqrt(np.bincount(ids, dev * dev, minlength=num_groups) / np.maximum(count - 1, 1))
+  single = count[ids] <= 1
+  return np.where(single, scores, dev) / (np.where(single, 1.0, std[ids]) + eps)
+
+
+def median_time(fn, repeats):
+  fn()  # warm-up (compilation for the jitted ones)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="1e4,1e5,1e6,1e7")
+  parser.add_argument("--groups", default="4,16,64")
+  parser.add_argument("--loop-max", type=float, default=1e6)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--loop-repeats", type=int, default=3)
+  args = parser.parse_args()
+  sizes = [int(float(s)) for s in args.sizes.split(",")]
+  group_sizes = [int(g) for g in args.groups.split(",")]
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+  print("| N | G | ours (ms) | copy floor (ms) | ours / copy | bincount (ms) | verl dict numpy (ms) "
+        "| verl dict torch (ms) | dict torch / ours |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  rng = np.random.default_rng(0)
+  fn = jax.jit(adv_lib.compute_advantages, static_argnames=("num_groups", "estimator"))
+  copy = jax.jit(lambda x: x * 1.0)
+  for n in sizes:
+    for g in group_sizes:
+      num_groups = n // g
+      n_eff = num_groups * g
+      ids = rng.permutation(np.repeat(np.arange(num_groups, dtype=np.int32), g))
+      scores = rng.random(n_eff).astype(np.float32)
+      r_dev, ids_dev = jax.device_put(scores), jax.device_put(ids)
+      ours = median_time(lambda: fn(r_dev, ids_dev, num_groups=num_groups).block_until_ready(),
+                         args.repeats)
+      floor = median_time(lambda: copy(r_dev).block_until_ready(), args.repeats)
+      binc = median_time(lambda: numpy_bincount(scores, ids, num_groups), args.repeats)
+      got = np.asarray(fn(r_dev, ids_dev, num_groups=num_groups))
+      np.testing.assert_allclose(got, numpy_bincount(scores, ids, num_groups), rtol=1e-4,
+                                 atol=1e-4)
+      if n_eff <= args.loop_max:
+        index = ids.tolist()  # verl passes uids as a NumPy object array / list
+        t_np = median_time(lambda: verl_numpy(scores, index), args.loop_repeats)
+        t_torch = median_time(lambda: verl_torch(scores, index), args.loop_repeats)
+        np.testing.assert_allclose(got, verl_torch(scores, index), rtol=1e-4, atol=1e-4)
+        loops = f"{t_np * 1e3:.1f} | {t_torch * 1e3:.1f} | {t_torch / ours:.0f}x"
+      else:
+        loops = "not run | not run | -"
+      print(f"| {n_eff:.0e} | {g} | {ours * 1e3:.3f} | {floor * 1e3:.3f} | {ours / floor:.1f}x | "
+            f"{binc * 1e3:.2f} | {loops} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
