@@ -1,0 +1,505 @@
+"""The rollout sampler: jitted KV-cache generation that prefills each prompt once per group.
+
+GRPO draws G responses per prompt. Repeating the prompts G times before the forward (what a plain
+`expand_groups` + `generate` does) pays G prefills of the same tokens. Here each of the B prompts
+is prefilled once into a KV cache of B rows, then the cache and the last-position logits are
+repeated G times along the batch (a a a b b b, the `grpo_jax.groups.expand_groups` order, so that
+`group_ids` line up) and the B*G rows decode together.
+
+  out = generate(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, group_size=G,
+                 max_new_tokens=R, temperature=1.0, top_k=0, top_p=1.0,
+                 stop_token_ids=(eos_id,), pad_token_id=pad_id, mesh=None)
+  out.tokens     int32 [B*G, R]  sampled ids; pad_token_id after a row stops
+  out.mask       int32 [B*G, R]  1 on generated tokens, the stop token included
+  out.logprobs   f32   [B*G, R]  log softmax(logits / T) at the sampled token (T = 1 when greedy);
+                                 the unfiltered distribution (top-k / top-p only choose the support),
+                                 i.e. what `token_logprobs` of the training forward recomputes
+  out.truncated  bool  [B*G]     the row spent R tokens without emitting a stop token
+
+Compilation: `generate` is one module-level `jax.jit` whose static arguments are the graphdef and
+the sampling settings, so a run compiles it once per prompt-length bucket. Prompts are left-padded
+to `bucket_length(P)` (powers of two and 1.5x powers of two, at least 16) outside the jit, so the
+number of compiles is logarithmic in the longest prompt. The KV cache holds P_bucket + R slots.
+
+Decode loop: a `lax.while_loop` that stops when every row has emitted a stop token (or after R
+steps). Each step samples one token per row from the current logits, writes it into column t of
+the [N, R] outputs (an in-place dynamic update, O(N) per step) and feeds it through the model at
+cache slot P_bucket + t. Rows that are done keep going in lock-step with pad tokens fed at mask 0,
+so they write invalid cache slots that no query ever reads. Nothing is read back to the host.
+Every sampled token, the last included, is fed, so after `decode` the cache holds the whole
+context and its `last_logits` predict the next token: multi-turn rollouts continue from it
+(`append` then `decode` again) without re-prefilling.
+
+Sampling: temperature 0 is greedy (argmax). Otherwise logits / T, then top-k (0 = off), then
+top-p over what top-k kept (1.0 = off; HF's warper order), then one Gumbel-max draw per row with
+the key `fold_in(rng, t)` for step t. With `jax_threefry_partitionable` the draws do not depend on
+how the batch is sharded, so 1 device and 8 devices give the same tokens.
+
+Sharding: with `mesh`, prompts and outputs are sharded over the batch axes
+(`grpo_jax.sharding.batch_sharding`), the cache like the activations (`cache_logical_axes`),
+parameters as given (the training layout). B*G must divide by the mesh's batch multiple.
+
+Lower-level pieces for multi-turn rollouts (Search-R1): `prefill` (prompt -> cache, next-token
+logits), `append` (extend a cache with given tokens, e.g. retrieved text, without re-prefilling
+the history) and `decode` (sample from a cache until stop tokens or the budget).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from grpo_jax import sharding as sharding_lib
+from grpo_jax.models import decoder as decoder_lib
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Generated tokens of N rows with a budget of R tokens. See the module docstring."""
+
+  tokens: jax.Array  # int32 [N, R]
+  mask: jax.Array  # int32 [N, R]
+  logprobs: jax.Array  # float32 [N, R]
+  truncated: jax.Array  # bool [N]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name}: expected a Python int, got {type(value).__name__} {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+  return int(value)
+
+
+def _check_sampling(temperature, top_k, top_p, stop_token_ids, pad_token_id):
+  """Validates the static sampling settings; returns them normalised (hashable, Python types)."""
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
+    raise TypeError(f"temperature: expected a float >= 0, got {temperature!r}")
+  temperature = float(temperature)
+  if not temperature >= 0 or math.isinf(temperature):
+    raise ValueError(f"temperature: expected a finite float >= 0 (0 = greedy), got {temperature}")
+  top_k = _check_int("top_k", top_k, 0)
+  if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating)):
+    raise TypeError(f"top_p: expected a float in (0, 1], got {top_p!r}")
+  top_p = float(top_p)
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p: expected a float in (0, 1] (1.0 = off), got {top_p}")
+  if isinstance(stop_token_ids, (int, np.integer)):
+    stop_token_ids = (stop_token_ids,)
+  if stop_token_ids is None:
+    stop_token_ids = ()
+  stop_token_ids = tuple(_check_int("stop_token_ids[]", s, 0) for s in stop_token_ids)
+  pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
+  return temperature, top_k, top_p, stop_token_ids, pad_token_id
+
+
+def _check_prompts(prompt_ids, prompt_mask):
+  if np.ndim(prompt_ids) != 2:
+    raise ValueError(f"prompt_ids: expected int [B, P], got shape {np.shape(prompt_ids)}")
+  if np.shape(prompt_mask) != np.shape(prompt_ids):
+    raise ValueError(f"prompt_mask: expected shape {np.shape(prompt_ids)} (as prompt_ids), got "
+                     f"{np.shape(prompt_mask)}")
+  if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+    raise TypeError(f"prompt_ids: expected integer token ids, got {jnp.result_type(prompt_ids)}")
+
+
+# ----------------------------------------------------------------------------- prompt buckets
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """Smallest bucket >= n among {minimum} ∪ {2^k, 3·2^(k-1)}: at most 1/3 of a bucket is padding."""
+  n = _check_int("prompt length", n, 1)
+  b = max(int(minimum), 1)
+  while b < n:
+    b = b * 3 // 2 if (b & (b - 1)) == 0 and b >= 2 else 1 << b.bit_length()
+  return b
+
+
+@functools.partial(jax.jit, static_argnames=("length", "pad_token_id"))
+def _left_pad(ids_BxP, mask_BxP, *, length: int, pad_token_id: int):
+  extra = length - ids_BxP.shape[1]
+  ids = jnp.pad(ids_BxP.astype(jnp.int32), ((0, 0), (extra, 0)), constant_values=pad_token_id)
+  mask = jnp.pad(mask_BxP.astype(jnp.int32), ((0, 0), (extra, 0)))
+  return ids, mask
+
+
+# ----------------------------------------------------------------------------- sampling math
+
+
+def filter_logits(logits_NxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets every logit outside the top-k / top-p (nucleus) support to -inf.
+
+  top-p keeps the smallest prefix of the tokens sorted by probability whose mass reaches `top_p`
+  (the token that crosses `top_p` included), computed over what top-k kept, as HF's warpers do.
+  Tokens tied with the last kept one are kept too.
+
+  Args:
+    logits_NxV: float logits (already divided by the temperature).
+    top_k: keep the k largest (0 = off).
+    top_p: nucleus mass in (0, 1] (1.0 = off).
+  """
+  V = logits_NxV.shape[-1]
+  use_k = 0 < top_k < V
+  if not use_k and top_p >= 1.0:
+    return logits_NxV
+  # Sorted candidate logits, descending: the top k, or the whole vocabulary for top-p alone.
+  cand_NxC, _ = jax.lax.top_k(logits_NxV, top_k if use_k else V)
+  if top_p < 1.0:
+    probs_NxC = jax.nn.softmax(cand_NxC.astype(jnp.float32), axis=-1)
+    mass_before_NxC = jnp.cumsum(probs_NxC, axis=-1) - probs_NxC
+    keep_N = jnp.maximum(jnp.sum(mass_before_NxC < top_p, axis=-1), 1)
+  else:
+    keep_N = jnp.full(logits_NxV.shape[:-1], cand_NxC.shape[-1])
+  threshold_N = jnp.take_along_axis(cand_NxC, (keep_N - 1)[..., None], axis=-1)
+  return jnp.where(logits_NxV < threshold_N, -jnp.inf, logits_NxV)
+
+
+def sample_tokens(key: jax.Array, logits_NxV: jax.Array, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """One token per row and its log-probability under softmax(logits / T).
+
+  Args:
+    key: PRNG key (unused when greedy).
+    logits_NxV: float32 logits of the next token.
+    temperature: 0 = greedy (argmax; log-prob at T = 1).
+    top_k, top_p: support filters, see `filter_logits`.
+
+  Returns:
+    (tokens_N int32, logprobs_N float32); the log-prob is of the unfiltered tempered distribution.
+  """
+  logits_NxV = logits_NxV.astype(jnp.float32)
+  if temperature == 0.0:
+    tok_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+    scaled_NxV = logits_NxV
+  else:
+    scaled_NxV = logits_NxV / jnp.float32(temperature)
+    filtered_NxV = filter_logits(scaled_NxV, top_k, top_p)
+    tok_N = jax.random.categorical(key, filtered_NxV, axis=-1).astype(jnp.int32)
+  logz_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
+  picked_N = jnp.take_along_axis(scaled_NxV, tok_N[:, None], axis=-1)[:, 0]
+  return tok_N, picked_N - logz_N
+
+
+# ----------------------------------------------------------------------------- sharding helpers
+
+
+def _constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+  if mesh is None:
+    return x
+  spec = sharding_lib.logical_to_spec(logical_axes, x.shape, mesh, sharding_lib.ROLLOUT_RULES)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _constrain_cache(cache: decoder_lib.KVCache, mesh: Mesh | None) -> decoder_lib.KVCache:
+  if mesh is None:
+    return cache
+  axes = decoder_lib.cache_logical_axes()
+  return jax.tree.map(lambda x, a: _constrain(x, a, mesh), cache, axes,
+                      is_leaf=lambda a: isinstance(a, tuple))
+
+
+def _batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  return _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def _last_valid(hidden_BxTxE: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Hidden state at each row's last real token [B, 1, E], and whether the row has one [B]."""
+  T = mask_BxT.shape[1]
+  valid_BxT = mask_BxT.astype(jnp.bool_)
+  last_B = T - 1 - jnp.argmax(valid_BxT[:, ::-1], axis=1)
+  h_Bx1xE = jnp.take_along_axis(hidden_BxTxE, last_B[:, None, None], axis=1)
+  return h_Bx1xE, jnp.any(valid_BxT, axis=1)
+
+
+def _extend(model, cache, ids_BxT, mask_BxT, cache_index, prev_logits_BxV, mesh):
+  """Writes ids at slots [cache_index, +T) and returns (cache, next-token logits [B, V])."""
+  hidden_BxTxE, cache = model(ids_BxT, attention_mask=mask_BxT, cache=cache,
+                              cache_index=cache_index, return_hidden=True)
+  h_Bx1xE, has_B = _last_valid(hidden_BxTxE, mask_BxT)
+  # Only the last position goes through the LM head: [B, P, V] float32 prompt logits are never
+  # built (10 GB for 64 prompts of 256 tokens at a 150k vocabulary).
+  logits_BxV = model.logits(h_Bx1xE)[:, 0]
+  if prev_logits_BxV is not None:
+    logits_BxV = jnp.where(has_B[:, None], logits_BxV, prev_logits_BxV.astype(jnp.float32))
+  return _constrain_cache(cache, mesh), _batch(logits_BxV, mesh)
+
+
+def _prefill(model, ids_BxP, mask_BxP, max_len: int, mesh):
+  B, P = ids_BxP.shape
+  if max_len < P:
+    raise ValueError(f"max_len: expected >= the prompt length {P}, got {max_len}")
+  cache = _constrain_cache(decoder_lib.init_cache(model.config, B, max_len), mesh)
+  return _extend(model, cache, ids_BxP, mask_BxP, jnp.int32(0), None, mesh)
+
+
+def _decode(model, cache, logits_NxV, cache_index, rng, *, max_new_tokens, temperature, top_k,
+            top_p, stop_token_ids, pad_token_id, budget_N, mesh):
+  """The while loop; see the module docstring. Returns (SampleOutput, cache, last logits)."""
+  N = logits_NxV.shape[0]
+  R = max_new_tokens
+  S = cache.valid.shape[1]
+  idx0 = jnp.asarray(cache_index, jnp.int32)
+  # The next position of a row is its number of real tokens so far (left- or right-padded alike).
+  pos0_N = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
+  stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
+  if budget_N is None:
+    budget_N = jnp.full((N,), R, jnp.int32)
+  budget_N = _batch(jnp.minimum(jnp.asarray(budget_N, jnp.int32), R), mesh)
+  del S
+
+  def cond(carry):
+    t, done_N = carry[0], carry[3]
+    return (t < R) & ~jnp.all(done_N)
+
+  def body(carry):
+    t, cache, logits_NxV, done_N, stopped_N, toks_NxR, mask_NxR, logp_NxR = carry
+    tok_N, logp_N = sample_tokens(jax.random.fold_in(rng, t), logits_NxV, temperature, top_k,
+                                  top_p)
+    live_N = ~done_N
+    tok_N = jnp.where(live_N, tok_N, jnp.int32(pad_token_id))
+    hit_N = live_N & jnp.any(tok_N[:, None] == stops[None, :], axis=1)
+    col = (jnp.int32(0), t)
+    toks_NxR = jax.lax.dynamic_update_slice(toks_NxR, tok_N[:, None], col)
+    mask_NxR = jax.lax.dynamic_update_slice(mask_NxR, live_N[:, None].astype(jnp.int32), col)
+    logp_NxR = jax.lax.dynamic_update_slice(logp_NxR, jnp.where(live_N, logp_N, 0.0)[:, None], col)
+    # Feed every live row's token (the stop token too: it is context for a later turn).
+    logits_Nx1xV, cache = model(tok_N[:, None], attention_mask=live_N[:, None].astype(jnp.int32),
+                                positions=(pos0_N + t)[:, None], cache=cache,
+                                cache_index=idx0 + t)
+    stopped_N = stopped_N | hit_N
+    done_N = done_N | hit_N | (t + 1 >= budget_N)
+    return (t + 1, _constrain_cache(cache, mesh), _batch(logits_Nx1xV[:, 0], mesh), done_N,
+            stopped_N, toks_NxR, mask_NxR, logp_NxR)
+
+  init = (jnp.int32(0), cache, logits_NxV.astype(jnp.float32),
+          _batch(budget_N <= 0, mesh), _batch(jnp.zeros((N,), jnp.bool_), mesh),
+          _batch(jnp.full((N, R), pad_token_id, jnp.int32), mesh),
+          _batch(jnp.zeros((N, R), jnp.int32), mesh),
+          _batch(jnp.zeros((N, R), jnp.float32), mesh))
+  _, cache, logits_NxV, _, stopped_N, toks, mask, logp = jax.lax.while_loop(cond, body, init)
+  out = SampleOutput(tokens=_batch(toks, mesh), mask=_batch(mask, mesh),
+                     logprobs=_batch(logp, mesh), truncated=_batch(~stopped_N, mesh))
+  return out, cache, logits_NxV
+
+
+def _expand(cache, logits_BxV, group_size, mesh):
+  """Repeats each prompt's cache and next-token logits G times (a a a b b b)."""
+  cache = _constrain_cache(decoder_lib.repeat_cache(cache, group_size), mesh)
+  logits_NxV = jnp.repeat(logits_BxV, group_size, axis=0,
+                          total_repeat_length=logits_BxV.shape[0] * group_size)
+  return cache, _batch(logits_NxV, mesh)
+
+
+# ----------------------------------------------------------------------------- jitted entry points
+
+_SAMPLING_STATIC = ("max_new_tokens", "temperature", "top_k", "top_p", "stop_token_ids",
+                    "pad_token_id", "mesh")
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len", "mesh"))
+def _prefill_jit(graphdef, params, ids_BxP, mask_BxP, *, max_len, mesh):
+  return _prefill(nnx.merge(graphdef, params), ids_BxP, mask_BxP, max_len, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len", "group_size", "mesh"))
+def _prefill_groups_jit(graphdef, params, ids_BxP, mask_BxP, *, max_len, group_size, mesh):
+  model = nnx.merge(graphdef, params)
+  cache, logits_BxV = _prefill(model, ids_BxP, mask_BxP, max_len, mesh)
+  return _expand(cache, logits_BxV, group_size, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("mesh",))
+def _append_jit(graphdef, params, cache, ids_BxT, mask_BxT, cache_index, prev_logits, *, mesh):
+  return _extend(nnx.merge(graphdef, params), cache, ids_BxT, mask_BxT, cache_index, prev_logits,
+                 mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=_SAMPLING_STATIC)
+def _decode_jit(graphdef, params, cache, logits_NxV, cache_index, rng, budget_N, **static):
+  return _decode(nnx.merge(graphdef, params), cache, logits_NxV, cache_index, rng,
+                 budget_N=budget_N, **static)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=_SAMPLING_STATIC + ("group_size",))
+def _generate_jit(graphdef, params, ids_BxP, mask_BxP, rng, *, group_size, max_new_tokens,
+                  mesh, **static):
+  model = nnx.merge(graphdef, params)
+  P = ids_BxP.shape[1]
+  cache, logits_BxV = _prefill(model, _batch(ids_BxP, mesh), _batch(mask_BxP, mesh),
+                               P + max_new_tokens, mesh)
+  cache, logits_NxV = _expand(cache, logits_BxV, group_size, mesh)
+  out, _, _ = _decode(model, cache, logits_NxV, jnp.int32(P), rng, max_new_tokens=max_new_tokens,
+                      budget_N=None, mesh=mesh, **static)
+  return out
+
+
+def _place(tree, mesh):
+  """Batch-shards host or device arrays on `mesh` (a no-op for arrays already laid out so)."""
+  if mesh is None:
+    return tree
+  return jax.tree.map(
+      lambda x: jax.device_put(x, sharding_lib.batch_sharding(mesh, np.ndim(x),
+                                                              sharding_lib.ROLLOUT_RULES)), tree)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+             rng: jax.Array, *, group_size: int, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
+             pad_token_id: int = 0, mesh: Mesh | None = None,
+             bucket: bool = True) -> SampleOutput:
+  """G sampled responses per prompt, each prompt prefilled once.
+
+  Args:
+    graphdef, params: `nnx.split(model)` of a `grpo_jax.models.Decoder` (params may be sharded).
+    prompt_ids: int [B, P] prompts, left-padded (right padding also works).
+    prompt_mask: [B, P], 1 on real prompt tokens.
+    rng: PRNG key; the same key gives the same output.
+    group_size: G, responses per prompt; output rows are ordered as `expand_groups` orders them.
+    max_new_tokens: R, the response budget (and the output width).
+    temperature: 0 = greedy.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus mass (1.0 = off).
+    stop_token_ids: a row stops after emitting any of these (the stop token is kept, mask 1).
+    pad_token_id: written after a row stops, and used to pad prompts to their bucket.
+    mesh: the training mesh; prompts and outputs are sharded over its batch axes.
+    bucket: left-pad P to `bucket_length(P)` so that varying prompt lengths share compiles.
+
+  Returns:
+    A `SampleOutput` with [B*G, R] tokens / mask / logprobs and [B*G] truncated.
+  """
+  _check_prompts(prompt_ids, prompt_mask)
+  group_size = _check_int("group_size", group_size, 1)
+  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+  temperature, top_k, top_p, stop_token_ids, pad_token_id = _check_sampling(
+      temperature, top_k, top_p, stop_token_ids, pad_token_id)
+  if mesh is not None:
+    multiple = sharding_lib.batch_size_multiple(mesh, sharding_lib.ROLLOUT_RULES)
+    n = np.shape(prompt_ids)[0] * group_size
+    if n % multiple:
+      raise ValueError(f"group_size: B*G = {n} responses are not divisible by the mesh batch "
+                       f"multiple {multiple}")
+  prompt_ids, prompt_mask = _place((prompt_ids, prompt_mask), mesh)
+  P = np.shape(prompt_ids)[1]
+  if bucket and bucket_length(P) != P:
+    prompt_ids, prompt_mask = _left_pad(prompt_ids, prompt_mask, length=bucket_length(P),
+                                        pad_token_id=pad_token_id)
+  return _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng, group_size=group_size,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                       mesh=mesh)
+
+
+def prefill(graphdef: nnx.GraphDef, params: Any, ids: jax.Array, mask: jax.Array, max_len: int,
+            *, group_size: int = 1, mesh: Mesh | None = None):
+  """Runs prompts through the model into a fresh KV cache of `max_len` slots.
+
+  Args:
+    graphdef, params: `nnx.split(model)`.
+    ids, mask: int [B, T] prompts (any padding) and their mask.
+    max_len: cache slots S >= T (the prompt plus everything later appended or decoded).
+    group_size: repeat each prompt's cache and logits G times afterwards (a a a b b b); the
+      prefill itself runs on the B prompts only.
+    mesh: shard the cache over the batch axes of this mesh.
+
+  Returns:
+    (cache, last_logits): a `KVCache` with B*G rows whose slots [0, T) hold the prompts, and the
+    float32 [B*G, V] logits of each row's next token. Continue with `decode` or `append` at
+    cache_index = T.
+  """
+  _check_prompts(ids, mask)
+  max_len = _check_int("max_len", max_len, np.shape(ids)[1])
+  group_size = _check_int("group_size", group_size, 1)
+  if group_size == 1:
+    return _prefill_jit(graphdef, params, ids, mask, max_len=max_len, mesh=mesh)
+  return _prefill_groups_jit(graphdef, params, ids, mask, max_len=max_len, group_size=group_size,
+                             mesh=mesh)
+
+
+def append(graphdef: nnx.GraphDef, params: Any, cache: decoder_lib.KVCache, ids: jax.Array,
+           mask: jax.Array, cache_index: Any, prev_logits: jax.Array | None = None, *,
+           mesh: Mesh | None = None):
+  """Extends a cache with given tokens (e.g. retrieved `<information>` text) without sampling.
+
+  The T new tokens go to slots [cache_index, cache_index + T); each row's tokens get positions
+  after the real tokens already in its cache, and slots at mask 0 stay invalid, so rows may append
+  different numbers of tokens (pad them on either side). The history is not recomputed.
+
+  Args:
+    graphdef, params: `nnx.split(model)`.
+    cache: the cache after `prefill` / `decode` / `append`; needs cache_index + T <= its slots.
+    ids, mask: int [N, T] tokens to append and their mask.
+    cache_index: first slot to write (int or int32 scalar): the previous call's end.
+    prev_logits: [N, V] next-token logits before this call; rows that append nothing keep them
+      (without it, such rows get meaningless logits).
+    mesh: shard the cache over the batch axes of this mesh.
+
+  Returns:
+    (cache, last_logits [N, V] float32): the next-token logits after each row's appended tokens.
+  """
+  _check_prompts(ids, mask)
+  if np.shape(ids)[0] != cache.valid.shape[0]:
+    raise ValueError(f"ids: expected {cache.valid.shape[0]} rows (the cache's batch), got "
+                     f"{np.shape(ids)[0]}")
+  if isinstance(cache_index, (int, np.integer)) and cache_index + np.shape(ids)[1] > cache.valid.shape[1]:
+    raise ValueError(f"cache_index: {cache_index} + {np.shape(ids)[1]} tokens exceed the cache's "
+                     f"{cache.valid.shape[1]} slots")
+  return _append_jit(graphdef, params, cache, ids, mask, jnp.asarray(cache_index, jnp.int32),
+                     prev_logits, mesh=mesh)
+
+
+def decode(graphdef: nnx.GraphDef, params: Any, cache: decoder_lib.KVCache, last_logits: jax.Array,
+           cache_index: Any, rng: jax.Array, *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
+           pad_token_id: int = 0, budget: jax.Array | None = None, mesh: Mesh | None = None):
+  """Samples up to `max_new_tokens` per row, continuing from a cache.
+
+  Every sampled token (the stop token included) is written into the cache at slots
+  [cache_index, cache_index + R); after a row stops, its remaining slots stay invalid. So the
+  returned cache and logits continue the context exactly: `append` / `decode` again at
+  cache_index + max_new_tokens.
+
+  Args:
+    graphdef, params: `nnx.split(model)`.
+    cache: needs cache_index + max_new_tokens <= its slots.
+    last_logits: float32 [N, V] next-token logits (from `prefill`, `append` or `decode`).
+    cache_index: first free slot (int or int32 scalar).
+    rng: PRNG key.
+    max_new_tokens: R (static).
+    temperature, top_k, top_p, stop_token_ids, pad_token_id: as in `generate`.
+    budget: optional int [N] per-row budget <= R; a row that spends it stops (truncated).
+    mesh: shard the batch over this mesh's batch axes.
+
+  Returns:
+    (SampleOutput [N, R], cache, last_logits [N, V]).
+  """
+  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+  temperature, top_k, top_p, stop_token_ids, pad_token_id = _check_sampling(
+      temperature, top_k, top_p, stop_token_ids, pad_token_id)
+  if isinstance(cache_index, (int, np.integer)) and cache_index + max_new_tokens > cache.valid.shape[1]:
+    raise ValueError(f"cache_index: {cache_index} + max_new_tokens {max_new_tokens} exceed the "
+                     f"cache's {cache.valid.shape[1]} slots")
+  if last_logits.shape[0] != cache.valid.shape[0]:
+    raise ValueError(f"last_logits: expected {cache.valid.shape[0]} rows (the cache's batch), got "
+                     f"{last_logits.shape[0]}")
+  return _decode_jit(graphdef, params, cache, last_logits, jnp.asarray(cache_index, jnp.int32), rng,
+                     budget, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                     mesh=mesh)
