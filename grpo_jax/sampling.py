@@ -252,7 +252,6 @@ def _decode(model, cache, logits_NxV, cache_index, rng, *, max_new_tokens, tempe
   """The while loop; see the module docstring. Returns (SampleOutput, cache, last logits)."""
   N = logits_NxV.shape[0]
   R = max_new_tokens
-  S = cache.valid.shape[1]
   idx0 = jnp.asarray(cache_index, jnp.int32)
   # The next position of a row is its number of real tokens so far (left- or right-padded alike).
   pos0_N = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
@@ -260,7 +259,6 @@ def _decode(model, cache, logits_NxV, cache_index, rng, *, max_new_tokens, tempe
   if budget_N is None:
     budget_N = jnp.full((N,), R, jnp.int32)
   budget_N = _batch(jnp.minimum(jnp.asarray(budget_N, jnp.int32), R), mesh)
-  del S
 
   def cond(carry):
     t, done_N = carry[0], carry[3]
@@ -297,8 +295,15 @@ def _decode(model, cache, logits_NxV, cache_index, rng, *, max_new_tokens, tempe
   return out, cache, logits_NxV
 
 
-def _expand(cache, logits_BxV, group_size, mesh):
-  """Repeats each prompt's cache and next-token logits G times (a a a b b b)."""
+def _prefill_groups(model, ids_BxP, mask_BxP, max_len: int, group_size: int, mesh):
+  """Prefills the B prompts once, then repeats each cache row and its logits G times (a a a b b b).
+
+  The copy costs memory traffic (the repeated prompt keys/values), not FLOPs: the forward runs on
+  B rows whatever G is (`test_prefill_flops_do_not_grow_with_group_size`).
+  """
+  cache, logits_BxV = _prefill(model, ids_BxP, mask_BxP, max_len, mesh)
+  if group_size == 1:
+    return cache, logits_BxV
   cache = _constrain_cache(decoder_lib.repeat_cache(cache, group_size), mesh)
   logits_NxV = jnp.repeat(logits_BxV, group_size, axis=0,
                           total_repeat_length=logits_BxV.shape[0] * group_size)
@@ -311,16 +316,10 @@ _SAMPLING_STATIC = ("max_new_tokens", "temperature", "top_k", "top_p", "stop_tok
                     "pad_token_id", "mesh")
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len", "mesh"))
-def _prefill_jit(graphdef, params, ids_BxP, mask_BxP, *, max_len, mesh):
-  return _prefill(nnx.merge(graphdef, params), ids_BxP, mask_BxP, max_len, mesh)
-
-
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len", "group_size", "mesh"))
 def _prefill_groups_jit(graphdef, params, ids_BxP, mask_BxP, *, max_len, group_size, mesh):
-  model = nnx.merge(graphdef, params)
-  cache, logits_BxV = _prefill(model, ids_BxP, mask_BxP, max_len, mesh)
-  return _expand(cache, logits_BxV, group_size, mesh)
+  return _prefill_groups(nnx.merge(graphdef, params), ids_BxP, mask_BxP, max_len, group_size,
+                         mesh)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("mesh",))
@@ -340,9 +339,8 @@ def _generate_jit(graphdef, params, ids_BxP, mask_BxP, rng, *, group_size, max_n
                   mesh, **static):
   model = nnx.merge(graphdef, params)
   P = ids_BxP.shape[1]
-  cache, logits_BxV = _prefill(model, _batch(ids_BxP, mesh), _batch(mask_BxP, mesh),
-                               P + max_new_tokens, mesh)
-  cache, logits_NxV = _expand(cache, logits_BxV, group_size, mesh)
+  cache, logits_NxV = _prefill_groups(model, _batch(ids_BxP, mesh), _batch(mask_BxP, mesh),
+                                      P + max_new_tokens, group_size, mesh)
   out, _, _ = _decode(model, cache, logits_NxV, jnp.int32(P), rng, max_new_tokens=max_new_tokens,
                       budget_N=None, mesh=mesh, **static)
   return out
@@ -427,8 +425,6 @@ def prefill(graphdef: nnx.GraphDef, params: Any, ids: jax.Array, mask: jax.Array
   _check_prompts(ids, mask)
   max_len = _check_int("max_len", max_len, np.shape(ids)[1])
   group_size = _check_int("group_size", group_size, 1)
-  if group_size == 1:
-    return _prefill_jit(graphdef, params, ids, mask, max_len=max_len, mesh=mesh)
   return _prefill_groups_jit(graphdef, params, ids, mask, max_len=max_len, group_size=group_size,
                              mesh=mesh)
 
