@@ -33,7 +33,7 @@ WORDS = (
     "pears", "coins", "books", "cards", "stones", "shells", "marbles", "he", "she", "they", "then",
     "gets", "sells", "is", "are", "per", "box", "boxes", "bag", "bags", "left", "total", "in",
     "ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jo", "think", "step", "by",
-    "final", "question", "user", "assistant", "system", "search", "information",
+    "final", "question", "user", "assistant", "system", "search", "information", "last", "as",
 )
 CHARS = tuple(ch for ch in string.printable if ch not in "\t\r\x0b\x0c")  # 95 printable + "\n"
 
@@ -44,7 +44,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
-_VERSION = "1"  # Bump when the vocabulary changes: the cache directory name includes it.
+_VERSION = "2"  # Bump when the vocabulary changes: the cache directory name includes it.
 
 
 def vocabulary() -> list[str]:

@@ -1,0 +1,184 @@
+"""Built-in tasks as TFDS builders that generate their examples locally (no download).
+
+They are written as array_record (`download_and_prepare(file_format="array_record")`) and read back
+with `tfds.data_source`, which needs no TensorFlow. Each task has a reward of the same name in
+`grpo_jax.rewards` (`"digits"`, `"arithmetic"`).
+
+Tasks:
+  digits: ``"3 8 1 repeat the last digit:"`` → ``"1"``. The answer is one token copied from a fixed
+    offset in the prompt: a 2-layer, width-64 transformer trained from random init with GRPO picks
+    it up within minutes of CPU. Its reward (`grpo_jax.rewards.digits_reward`) is shaped so that a
+    random policy already gets spread within each group. 1000 prompts: 900 train, 100 test
+    (disjoint).
+  arithmetic: two- to four-step word problems with GSM8K-style gold (worked steps, then
+    ``#### 42``); reward `numeric`. 2000 train, 200 test (disjoint prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+
+import numpy as np
+from etils import epath
+import tensorflow_datasets as tfds
+
+_TEST_FRACTION = 0.1
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder whose examples are generated in code (nothing to download, no checksums)."""
+
+  # TFDS finds a builder's source file through `importlib_resources` (not a dependency of ours)
+  # when the package is installed in editable mode; the file is right here.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+
+class GrpoDigits(_LocalBuilder):
+  """The `digits` task: repeat the last of three digits."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Repeat the last of three digits (a task a tiny model learns with GRPO).",
+        features=tfds.features.FeaturesDict(
+            {"prompt": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    order = np.random.RandomState(1234).permutation(1000)
+    n_test = int(len(order) * _TEST_FRACTION)
+    return {"train": self._generate_examples(order[n_test:]),
+            "test": self._generate_examples(order[:n_test])}
+
+  def _generate_examples(self, numbers):
+    for n in numbers:
+      a, b, c = int(n) // 100, int(n) // 10 % 10, int(n) % 10
+      yield int(n), {"prompt": f"{a} {b} {c} repeat the last digit:", "answer": str(c)}
+
+
+_NAMES = ("ann", "ben", "dan", "eve", "fay", "gus", "hal", "ivy")
+_ITEMS = ("apples", "pears", "coins", "books", "cards", "stones", "shells", "marbles")
+
+
+def arithmetic_problem(rng: np.random.RandomState) -> tuple[str, str]:
+  """One word problem and its GSM8K-style solution (steps, then ``#### n``); all values >= 0."""
+  name, item = _NAMES[rng.randint(len(_NAMES))], _ITEMS[rng.randint(len(_ITEMS))]
+  total = int(rng.randint(2, 20))
+  sentences = [f"{name} has {total} {item}."]
+  steps = []
+  for _ in range(int(rng.randint(2, 5)) - 1):
+    kind = rng.randint(3)
+    if kind == 0:
+      k = int(rng.randint(1, 20))
+      sentences.append(f"then {name} finds {k} more.")
+      steps.append(f"{total} + {k} = {total + k}")
+      total += k
+    elif kind == 1 and total > 1:
+      k = int(rng.randint(1, total))
+      sentences.append(f"then {name} gives away {k}.")
+      steps.append(f"{total} - {k} = {total - k}")
+      total -= k
+    else:
+      k = int(rng.randint(2, 4))
+      sentences.append(f"then {name} gets {k} times as many.")
+      steps.append(f"{total} * {k} = {total * k}")
+      total *= k
+  sentences.append(f"how many {item} does {name} have now?")
+  return " ".join(sentences), "\n".join(steps) + f"\n#### {total}"
+
+
+class GrpoArithmetic(_LocalBuilder):
+  """The `arithmetic` task: multi-step word problems with GSM8K-style numeric gold."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  NUM_TRAIN, NUM_TEST = 2000, 200
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Multi-step arithmetic word problems; gold is worked steps then '#### n'.",
+        features=tfds.features.FeaturesDict(
+            {"prompt": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    rng = np.random.RandomState(4321)
+    test, train, seen = [], [], set()
+    while len(test) < self.NUM_TEST:  # Test first; train never repeats a test prompt.
+      q, a = arithmetic_problem(rng)
+      if q not in seen:
+        seen.add(q)
+        test.append((q, a))
+    while len(train) < self.NUM_TRAIN:
+      q, a = arithmetic_problem(rng)
+      if q not in seen:
+        seen.add(q)
+        train.append((q, a))
+    return {"train": self._generate_examples(train), "test": self._generate_examples(test)}
+
+  def _generate_examples(self, pairs):
+    for i, (q, a) in enumerate(pairs):
+      yield i, {"prompt": q, "answer": a}
+
+
+# task name (as in "builtin:<task>") -> builder class.
+BUILTIN_TASKS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "digits": GrpoDigits,
+    "arithmetic": GrpoArithmetic,
+}
+
+
+def default_data_dir() -> str:
+  """Where built-in tasks are prepared when no data_dir is given: $GRPO_JAX_CACHE/tfds."""
+  root = os.environ.get("GRPO_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "grpo_jax"))
+  return os.path.join(root, "tfds")
+
+
+def builder_name(task: str) -> str:
+  """The TFDS name of a built-in task (e.g. ``"grpo_digits"``), as `tfds.data_source` wants it."""
+  return _builder_class(task).name
+
+
+def _builder_class(task: str):
+  cls = BUILTIN_TASKS.get(task)
+  if cls is None:
+    raise ValueError(f"config.data.source: unknown built-in task {task!r} "
+                     f"(known: {', '.join(sorted(BUILTIN_TASKS))})")
+  return cls
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # Released when the file closes (also if the process dies).
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_builtin(task: str, data_dir: str | os.PathLike | None = None) -> str:
+  """Generates built-in `task` as array_record under `data_dir` once; returns the data_dir.
+
+  Idempotent and safe against concurrent first use: processes take an exclusive file lock in
+  `data_dir` and the first one builds (TFDS writes into an `incomplete.*` folder and renames it);
+  the others then find the finished dataset.
+  """
+  cls = _builder_class(task)
+  data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+  os.makedirs(data_dir, exist_ok=True)
+  with _file_lock(os.path.join(data_dir, f".{cls.name}.lock")):
+    builder = cls(data_dir=data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare(file_format="array_record")
+  return data_dir
