@@ -210,7 +210,8 @@ class PromptDataset:
     texts = [render_prompt(r, self.config, self.tokenizer, int(i)) for r, i in zip(records, mine)]
     ids_BxP, mask_BxP = left_pad(tokenize(self.tokenizer, texts, self.config), length,
                                  self.pad_id)
-    top = {self.config.prompt_field.split(".")[0], self.config.answer_field.split(".")[0]}
+    # The prompt and answer columns themselves are not repeated; nested ones (dotted paths) stay.
+    top = {f for f in (self.config.prompt_field, self.config.answer_field) if "." not in f}
     return {
         "prompt_ids": ids_BxP,
         "prompt_mask": mask_BxP,
