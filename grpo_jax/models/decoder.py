@@ -51,6 +51,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from grpo_jax import sharding as sharding_lib
+from grpo_jax.models import lora as lora_lib
 from grpo_jax.models.config import ModelConfig
 
 _INIT_STD = 0.02
@@ -207,15 +208,34 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
   return out_BxTxKxGxD.reshape(B, T, H, D)
 
 
-def _block(config: ModelConfig, w: Mapping[str, jax.Array], x_BxTxE: jax.Array,
-           cos_BxTxD: jax.Array, sin_BxTxD: jax.Array, kv_fn) -> jax.Array:
-  """One pre-norm decoder block. `kv_fn(k, v) -> (keys, values, mask_BxTxS)` hides the cache."""
+def _block(config: ModelConfig, w: Mapping[str, Any], x_BxTxE: jax.Array,
+           cos_BxTxD: jax.Array, sin_BxTxD: jax.Array, kv_fn,
+           lora: lora_lib.LoraConfig | None = None) -> jax.Array:
+  """One pre-norm decoder block. `kv_fn(k, v) -> (keys, values, mask_BxTxS)` hides the cache.
+
+  With `w["lora"]` ({projection: {"a", "b"}}, one layer's factors) each adapted projection adds
+  `lora_delta`; `w["lora_rng"]` (one key per layer) switches the adapter dropout on.
+  """
   dt = jnp.dtype(config.dtype)
   cast = lambda name: w[name].astype(dt)
+  adapters = w.get("lora", {})
+  layer_rng = w.get("lora_rng")
+
+  def proj(name, spec, x):
+    y = jnp.einsum(spec, x, cast(name))
+    if name not in adapters:
+      return y
+    rng = None
+    if layer_rng is not None:
+      rng = jax.random.fold_in(layer_rng, list(lora_lib.TARGETS).index(name))
+    ab = adapters[name]
+    return y + lora_lib.lora_delta(x, ab["a"], ab["b"], lora_lib.TARGETS[name][1], lora.scale, dt,
+                                   lora.dropout, rng)
+
   h_BxTxE = rms_norm(x_BxTxE, w["attn_norm"], config.rms_norm_eps)
-  q = jnp.einsum("bte,ehd->bthd", h_BxTxE, cast("q_proj"))
-  k = jnp.einsum("bte,ekd->btkd", h_BxTxE, cast("k_proj"))
-  v = jnp.einsum("bte,ekd->btkd", h_BxTxE, cast("v_proj"))
+  q = proj("q_proj", "bte,ehd->bthd", h_BxTxE)
+  k = proj("k_proj", "bte,ekd->btkd", h_BxTxE)
+  v = proj("v_proj", "bte,ekd->btkd", h_BxTxE)
   if config.attention_bias:
     q = q + cast("q_bias")[None, None]
     k = k + cast("k_bias")[None, None]
@@ -227,12 +247,12 @@ def _block(config: ModelConfig, w: Mapping[str, jax.Array], x_BxTxE: jax.Array,
   k = apply_rope(k, cos_BxTxD, sin_BxTxD)
   keys, values, mask_BxTxS = kv_fn(k, v)
   attn_BxTxHxD = attention(q, keys.astype(dt), values.astype(dt), mask_BxTxS)
-  x_BxTxE = x_BxTxE + jnp.einsum("bthd,hde->bte", attn_BxTxHxD, cast("o_proj"))
+  x_BxTxE = x_BxTxE + proj("o_proj", "bthd,hde->bte", attn_BxTxHxD)
   h_BxTxE = rms_norm(x_BxTxE, w["mlp_norm"], config.rms_norm_eps)
-  gate_BxTxF = jnp.einsum("bte,ef->btf", h_BxTxE, cast("gate_proj"))
-  up_BxTxF = jnp.einsum("bte,ef->btf", h_BxTxE, cast("up_proj"))
+  gate_BxTxF = proj("gate_proj", "bte,ef->btf", h_BxTxE)
+  up_BxTxF = proj("up_proj", "bte,ef->btf", h_BxTxE)
   act_BxTxF = (jax.nn.silu(gate_BxTxF.astype(jnp.float32)) * up_BxTxF.astype(jnp.float32)).astype(dt)
-  return x_BxTxE + jnp.einsum("btf,fe->bte", act_BxTxF, cast("down_proj"))
+  return x_BxTxE + proj("down_proj", "btf,fe->bte", act_BxTxF)
 
 
 def default_positions(mask_BxT: jax.Array) -> jax.Array:
@@ -242,16 +262,20 @@ def default_positions(mask_BxT: jax.Array) -> jax.Array:
 
 def decoder_hidden(config: ModelConfig, params: Mapping[str, Any], input_ids_BxT: jax.Array,
                    mask_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
-                   cache: KVCache | None = None, cache_index: Any = None):
+                   cache: KVCache | None = None, cache_index: Any = None, *,
+                   lora: lora_lib.LoraConfig | None = None, lora_dropout_rng: Any = None):
   """Pure forward to the final-norm hidden states.
 
   Args:
     config: the model config.
-    params: {"embed": [V, E], "final_norm": [E], "layers": {name: [L, ...]}} (arrays).
+    params: {"embed": [V, E], "final_norm": [E], "layers": {name: [L, ...]}} (arrays), and
+      optionally "lora": {projection: {"a": [L, *in, r], "b": [L, r, *out]}} adapters.
     input_ids_BxT: int token ids.
     mask_BxT: 1 for real tokens, 0 for padding; all ones when None.
     positions_BxT: RoPE positions; see the module docstring for the default.
     cache: optional KVCache; then `cache_index` (int32 scalar) is the first slot to write.
+    lora: the adapters' config (scale, dropout); required when params hold "lora".
+    lora_dropout_rng: PRNG key; adapter dropout is applied only when it is given.
 
   Returns:
     hidden_BxTxE (compute dtype), and the updated cache (None without a cache).
@@ -287,11 +311,18 @@ def decoder_hidden(config: ModelConfig, params: Mapping[str, Any], input_ids_BxT
   cos_BxTxD, sin_BxTxD = rope_cos_sin(positions_BxT, rope_inv_freq(config))
   x_BxTxE = jnp.take(params["embed"], input_ids_BxT, axis=0).astype(dt)
   layer_w = params["layers"]
+  if params.get("lora"):
+    if lora is None:
+      raise ValueError("lora: params hold LoRA adapters but no LoraConfig was given")
+    # The adapters ride through the layer scan with the base weights: one layer's A, B per step.
+    layer_w = dict(layer_w, lora=params["lora"])
+    if lora_dropout_rng is not None and lora.dropout > 0:
+      layer_w["lora_rng"] = jax.random.split(lora_dropout_rng, config.num_layers)
 
   if cache is None:
     def body(x, w):
       kv_fn = lambda k, v: (k, v, mask_BxTxS)
-      return _block(config, w, x, cos_BxTxD, sin_BxTxD, kv_fn), None
+      return _block(config, w, x, cos_BxTxD, sin_BxTxD, kv_fn, lora), None
     if config.remat:
       body = jax.checkpoint(body, prevent_cse=False)
     x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, layer_w)
@@ -312,7 +343,7 @@ def decoder_hidden(config: ModelConfig, params: Mapping[str, Any], input_ids_BxT
         values = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
         return keys, values, mask_BxTxS
 
-      x = _block(config, w, x, cos_BxTxD, sin_BxTxD, kv_fn)
+      x = _block(config, w, x, cos_BxTxD, sin_BxTxD, kv_fn, lora)
       return (x, k_all, v_all), None
 
     layers_idx = jnp.arange(config.num_layers, dtype=jnp.int32)
@@ -325,11 +356,19 @@ def decoder_hidden(config: ModelConfig, params: Mapping[str, Any], input_ids_BxT
 
 
 class Decoder(nnx.Module):
-  """Decoder-only transformer (Llama 3 / Qwen2 / Qwen3). See the module docstring for the API."""
+  """Decoder-only transformer (Llama 3 / Qwen2 / Qwen3). See the module docstring for the API.
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  With `lora` (a `LoraConfig` with rank > 0) the model also holds adapters (`self.lora`, of
+  `LoraParam` variables, drawn after the base so the base weights equal a plain model's with the
+  same rngs) and the forward adds them unless `use_lora=False`; see `grpo_jax.models.lora`.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
+               lora: lora_lib.LoraConfig | None = None):
     if not isinstance(config, ModelConfig):
       raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+    if lora is not None and not isinstance(lora, lora_lib.LoraConfig):
+      raise TypeError(f"lora: expected a LoraConfig or None, got {type(lora).__name__}")
     self.config = config
     pd = jnp.dtype(config.param_dtype)
     V, E = config.vocab_size, config.hidden_size
@@ -338,19 +377,35 @@ class Decoder(nnx.Module):
     self.final_norm = _param(rngs, (E,), pd, ("norm",), "ones")
     if not config.tie_word_embeddings:
       self.lm_head = _param(rngs, (E, V), pd, ("embed", "vocab"), "normal")
+    if lora is not None and lora.enabled:
+      self.lora = lora_lib.LoraAdapters(lora, lora_lib.base_specs(self.layers), rngs=rngs)
+      self.lora_config = lora
 
-  def arrays(self) -> dict[str, Any]:
-    """The parameters as plain arrays in the layout `decoder_hidden` takes."""
+  def arrays(self, use_lora: bool = True) -> dict[str, Any]:
+    """The parameters as plain arrays in the layout `decoder_hidden` takes.
+
+    With adapters (and `use_lora`), also "lora": {projection: {"a", "b"}}.
+    """
     layers = {n: getattr(self.layers, n)[...] for n in LAYER_PARAM_NAMES
               if hasattr(self.layers, n)}
-    return {"embed": self.embed[...], "final_norm": self.final_norm[...], "layers": layers}
+    out = {"embed": self.embed[...], "final_norm": self.final_norm[...], "layers": layers}
+    if use_lora and lora_lib.has_lora(self):
+      out["lora"] = self.lora.arrays()
+    return out
 
   def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None, cache: KVCache | None = None,
-               cache_index: Any = None, return_hidden: bool = False):
-    """Logits [B, T, V] float32 (or hidden states with `return_hidden`); with a cache, also the cache."""
-    hidden_BxTxE, new_cache = decoder_hidden(self.config, self.arrays(), input_ids_BxT,
-                                             attention_mask, positions, cache, cache_index)
+               cache_index: Any = None, return_hidden: bool = False, *, use_lora: bool = True,
+               lora_dropout_rng: Any = None):
+    """Logits [B, T, V] float32 (or hidden states with `return_hidden`); with a cache, also the cache.
+
+    `use_lora=False` runs the base model (the reference policy: same weights, adapters off).
+    `lora_dropout_rng` switches the adapter dropout on (training); without it the forward is
+    deterministic.
+    """
+    hidden_BxTxE, new_cache = decoder_hidden(
+        self.config, self.arrays(use_lora), input_ids_BxT, attention_mask, positions, cache,
+        cache_index, lora=getattr(self, "lora_config", None), lora_dropout_rng=lora_dropout_rng)
     out = hidden_BxTxE if return_hidden else self.logits(hidden_BxTxE)
     return out if cache is None else (out, new_cache)
 
@@ -399,15 +454,19 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
 
 
 def init_sharded(config: ModelConfig, mesh: Mesh,
-                 rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES, seed: int = 0) -> Decoder:
-  """Initialises a Decoder whose parameters are born sharded on `mesh` (never gathered on one device)."""
-  abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed)))
+                 rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES, seed: int = 0,
+                 lora: lora_lib.LoraConfig | None = None) -> Decoder:
+  """Initialises a Decoder whose parameters are born sharded on `mesh` (never gathered on one device).
+
+  With `lora`, the adapters are created too, sharded like their base weights.
+  """
+  abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), lora=lora))
   graphdef, abstract_state = nnx.split(abstract)
   shardings = state_shardings(abstract_state, mesh, rules)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init():
-    return nnx.state(Decoder(config, rngs=nnx.Rngs(seed)))
+    return nnx.state(Decoder(config, rngs=nnx.Rngs(seed), lora=lora))
 
   return nnx.merge(graphdef, init())
 

@@ -5,6 +5,9 @@
 `jax.make_array_from_callback`: each device's callback reads only its own slice of the file with
 safetensors' `get_slice`, so a large model is never materialised whole on one host.
 `save_pretrained` writes what `transformers.AutoModelForCausalLM.from_pretrained` loads unchanged.
+LoRA adapters go out either merged (`save_pretrained(merge_lora(model), path)`) or in PEFT's own
+format (`save_peft_adapters`, which `peft.PeftModel.from_pretrained(base, path)` loads), and come
+back with `load_peft_adapters`.
 
 Layout mapping (ours <- HF, per layer; ours are stacked over layers):
   q/k/v_proj [E, N, D] <- self_attn.{q,k,v}_proj.weight [N*D, E]
@@ -30,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from grpo_jax import sharding as sharding_lib
+from grpo_jax.models import lora as lora_lib
 from grpo_jax.models.config import ModelConfig, canonical_dtype, config_from_hf, config_to_hf
 from grpo_jax.models.decoder import LAYER_PARAM_NAMES, Decoder, state_shardings
 
@@ -181,7 +185,8 @@ def read_hf_config(path: str) -> dict[str, Any]:
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = None,
                     mesh: Mesh | None = None,
                     rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES,
-                    remat: bool = False) -> Decoder:
+                    remat: bool = False, lora: lora_lib.LoraConfig | None = None,
+                    lora_seed: int = 0) -> Decoder:
   """Loads a Llama / Qwen2 / Qwen3 checkpoint from a local HF folder into a Decoder.
 
   Args:
@@ -191,6 +196,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32", param_dt
     mesh: when given, each parameter is placed straight onto its sharding (per-device reads).
     rules: logical axis rules for the mesh.
     remat: rematerialise each layer in the backward pass.
+    lora: when given (rank > 0), fresh adapters (B = 0, A drawn from `lora_seed`) are attached,
+      sharded like their base weights on `mesh`.
+    lora_seed: seed of the adapters' A.
   """
   path = os.fspath(path)
   dtype = canonical_dtype(dtype, "dtype")
@@ -218,7 +226,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32", param_dt
 
     arrays = jax.tree_util.tree_map_with_path(load, pure)
   nnx.replace_by_pure_dict(abstract_state, arrays)
-  return nnx.merge(graphdef, abstract_state)
+  model = nnx.merge(graphdef, abstract_state)
+  if lora is not None:
+    lora_lib.add_lora(model, lora, seed=lora_seed, mesh=mesh, rules=rules)
+  return model
 
 
 def _lookup(tree, keypath):
@@ -236,6 +247,9 @@ def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
       x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
+  if lora_lib.has_lora(model):
+    raise ValueError("model: has LoRA adapters, which an HF checkpoint cannot hold; export "
+                     "merge_lora(model) or write the adapters with save_peft_adapters")
   arrays = model.arrays()
   out = {}
   for name, (hf_name, groups) in _TOP.items():
@@ -302,3 +316,139 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *,
   total = sum(t.nbytes for t in tensors.values())
   with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- PEFT adapters
+
+_PEFT_KEY = "base_model.model.model.layers.{i}.{module}.lora_{ab}.weight"
+
+
+def peft_tensors(model: Decoder) -> dict[str, np.ndarray]:
+  """The adapters under PEFT's key names: lora_A.weight [r, in], lora_B.weight [out, r] per layer.
+
+  Our A [L, *in, r] / B [L, r, *out] flatten their in / out axes in HF's order (see `_LAYER`:
+  heads outer, head_dim inner), so they line up with the HF weight they adapt.
+  """
+  if not lora_lib.has_lora(model):
+    raise ValueError("model: has no LoRA adapters to export")
+  out = {}
+  for name, ab in model.lora.arrays().items():
+    module = lora_lib.TARGETS[name][0]
+    a, b = np.asarray(jax.device_get(ab["a"])), np.asarray(jax.device_get(ab["b"]))
+    num_layers, r = a.shape[0], a.shape[-1]
+    for i in range(num_layers):
+      out[_PEFT_KEY.format(i=i, module=module, ab="A")] = np.ascontiguousarray(
+          a[i].reshape(-1, r).T)
+      out[_PEFT_KEY.format(i=i, module=module, ab="B")] = np.ascontiguousarray(
+          b[i].reshape(r, -1).T)
+  return out
+
+
+def save_peft_adapters(model: Decoder, path: str | os.PathLike, *,
+                       base_model_name_or_path: str | None = None) -> None:
+  """Writes `adapter_config.json` + `adapter_model.safetensors` in PEFT's LoRA format.
+
+  `peft.PeftModel.from_pretrained(base_hf_model, path)` loads it onto the base model; the
+  adapters stay in float32. Only process 0 writes.
+
+  Args:
+    model: a Decoder with adapters.
+    path: output folder (created).
+    base_model_name_or_path: recorded in the config as the pointer to the base weights.
+  """
+  from safetensors.numpy import save_file
+
+  path = os.fspath(path)
+  tensors = peft_tensors(model)
+  if jax.process_index() != 0:
+    return
+  lora = model.lora_config
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": lora.rank,
+      "lora_alpha": lora.alpha,
+      "lora_dropout": lora.dropout,
+      "use_rslora": lora.use_rslora,
+      # Bare module names: PEFT matches a name against the end of each module's path.
+      "target_modules": [name for name in lora.targets],
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "modules_to_save": None,
+      "layers_to_transform": None,
+      "use_dora": False,
+  }
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_peft_adapters(model: Decoder, path: str | os.PathLike, *, mesh: Mesh | None = None,
+                       rules: Mapping[str, Any] = sharding_lib.TRAIN_RULES) -> Decoder:
+  """Attaches the LoRA adapters of a PEFT folder to a Decoder without adapters; returns it.
+
+  Supports what `save_peft_adapters` writes and what PEFT writes for plain LoRA on the seven
+  projections of every layer (no DoRA, no per-layer ranks, no bias training, no
+  layers_to_transform). The adapted projections are read from the tensors present.
+  """
+  from safetensors.numpy import load_file
+
+  path = os.fspath(path)
+  cfg_file = os.path.join(path, "adapter_config.json")
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{cfg_file}: not found (load_peft_adapters needs a PEFT folder)")
+  with open(cfg_file) as f:
+    cfg = json.load(f)
+  if cfg.get("peft_type") != "LORA":
+    raise ValueError(f"{cfg_file}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+  unsupported = {
+      "use_dora": bool(cfg.get("use_dora")),
+      "bias": cfg.get("bias", "none") != "none",
+      "layers_to_transform": cfg.get("layers_to_transform") is not None,
+      "rank_pattern": bool(cfg.get("rank_pattern")),
+      "alpha_pattern": bool(cfg.get("alpha_pattern")),
+      "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+  }
+  for key, bad in unsupported.items():
+    if bad:
+      raise ValueError(f"{cfg_file}: {key}={cfg[key]!r} is not supported")
+  weights = os.path.join(path, "adapter_model.safetensors")
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f"{weights}: not found")
+  tensors = load_file(weights)
+  targets = tuple(n for n, (module, _) in lora_lib.TARGETS.items()
+                  if _PEFT_KEY.format(i=0, module=module, ab="A") in tensors)
+  if not targets:
+    example = _PEFT_KEY.format(i=0, module="self_attn.q_proj", ab="A")
+    raise ValueError(f"{weights}: no LoRA tensors named like {example!r}")
+  lora = lora_lib.LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                             dropout=float(cfg.get("lora_dropout") or 0.0),
+                             target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+  lora_lib.add_lora(model, lora, mesh=mesh, rules=rules)
+  num_layers, r = model.config.num_layers, lora.rank
+  for name in targets:
+    module = lora_lib.TARGETS[name][0]
+    pair = getattr(model.lora, name)
+    for ab, var in (("A", pair.a), ("B", pair.b)):
+      per_layer = tuple(var.get_value().shape[1:])
+      stacked = []
+      for i in range(num_layers):
+        key = _PEFT_KEY.format(i=i, module=module, ab=ab)
+        if key not in tensors:
+          raise KeyError(f"{weights}: tensor {key!r} is missing")
+        t = np.asarray(tensors[key], np.float32)
+        # PEFT: A [r, in], B [out, r]; ours per layer: A [*in, r], B [r, *out].
+        expected = (r, math.prod(per_layer[:-1])) if ab == "A" else (math.prod(per_layer[1:]), r)
+        if t.shape != expected:
+          raise ValueError(f"{weights}: tensor {key!r} has shape {t.shape}, expected {expected}")
+        stacked.append(t.T.reshape(per_layer))
+      value = jnp.asarray(np.stack(stacked))
+      old = var.get_value()
+      if isinstance(getattr(old, "sharding", None), jax.sharding.NamedSharding):
+        value = jax.device_put(value, old.sharding)
+      var[...] = value
+  return model
