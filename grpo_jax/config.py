@@ -1,0 +1,293 @@
+"""The boundary between the user's ConfigDict and the library: small frozen, validated dataclasses.
+
+`resolve(config)` turns the `ml_collections.ConfigDict` of a `configs/*.py` file into a `RunConfig`
+and checks everything that can be checked before any compile: types, ranges, names, files, and the
+divisibilities between batch, group size, mini/micro-batches and the device mesh. Each failure is a
+`ConfigError` whose message is one line naming the field (`config.rollout.group_size: ...`).
+Library code never receives the ConfigDict, only the dataclass it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from grpo_jax import advantages as adv_lib
+from grpo_jax import losses
+from grpo_jax.sharding import MeshConfig
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message names the field."""
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Which policy to build: a tiny random-init model or a local HF folder."""
+  path: str = "tiny"
+  vocab_size: int = 0
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def is_tiny(self) -> bool:
+    return self.path == "tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  group_size: int = 8
+  max_new_tokens: int = 4
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_strings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """Advantage estimator and group filtering; the loss itself is a `losses.LossConfig`."""
+  estimator: str = "grpo"
+  adv_eps: float = 1e-6
+  loss: losses.LossConfig = dataclasses.field(default_factory=losses.LossConfig)
+  filter_zero_std_groups: bool = False
+  kl_on_filtered_groups: bool = True
+  overlong_buffer: int = 0
+  overlong_penalty: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-3
+  warmup_steps: int = 5
+  decay: str = "cosine"
+  end_lr_factor: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int = 150
+  ppo_epochs: int = 1
+  minibatch_size: int = 0
+  microbatch_size: int = 0
+  log_every: int = 1
+  eval_every: int = 0
+  eval_num_prompts: int = 64
+  eval_pass_k: int = 4
+  eval_success_reward: float = 1.0
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 2
+  export_every: int = 0
+  export_token_groups: int = 2
+  progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  seed: int
+  model: ModelSpec
+  tokenizer: str
+  data: Any  # grpo_jax.data.DataConfig
+  rewards: tuple[tuple[str, float, dict], ...]
+  rollout: RolloutConfig
+  rl: RLConfig
+  optim: OptimConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+  @property
+  def rollout_batch(self) -> int:
+    """Responses per step (prompts x group size), over all hosts."""
+    return self.data.batch_size * self.rollout.group_size
+
+  @property
+  def minibatch(self) -> int:
+    return self.train.minibatch_size or self.rollout_batch
+
+  @property
+  def microbatch(self) -> int:
+    return self.train.microbatch_size or self.minibatch
+
+
+def _fail(field: str, msg: str) -> ConfigError:
+  return ConfigError(f"config.{field}: {msg}")
+
+
+def _positive(field: str, value: Any, *, allow_zero: bool = False) -> None:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise _fail(field, f"expected an int, got {value!r}")
+  if value < 0 or (value == 0 and not allow_zero):
+    raise _fail(field, f"expected {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _section(cls, field: str, values: dict):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise _fail(f"{field}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(names))})")
+  try:
+    return cls(**values)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if msg.startswith(f"{cls.__name__}."):  # "LossConfig.clip_low: ..." -> "config.rl.clip_low: ..."
+      msg = f"config.{field}.{msg[len(cls.__name__) + 1:]}"
+    elif not msg.startswith("config."):
+      msg = f"config.{field}: {msg}"
+    raise ConfigError(msg) from None
+
+
+def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> RunConfig:
+  """Validates `config` and returns the typed `RunConfig`; raises `ConfigError` (one line)."""
+  from grpo_jax import data as data_lib  # Heavy import (tfds); keep `import grpo_jax.config` light.
+
+  c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  expected = {"seed", "model", "tokenizer", "data", "rewards", "rollout", "rl", "optim", "train", "mesh"}
+  for key in sorted(set(c) - expected):
+    raise _fail(key, f"unknown section (known: {', '.join(sorted(expected))})")
+  for key in sorted(expected - set(c)):
+    raise _fail(key, "missing")
+
+  if isinstance(c["seed"], bool) or not isinstance(c["seed"], int):
+    raise _fail("seed", f"expected an int, got {c['seed']!r}")
+
+  model = _section(ModelSpec, "model", c["model"])
+  for f in ("dtype", "param_dtype"):
+    if getattr(model, f) not in DTYPES:
+      raise _fail(f"model.{f}", f"expected one of {DTYPES}, got {getattr(model, f)!r}")
+  if model.is_tiny:
+    for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim"):
+      _positive(f"model.{f}", getattr(model, f))
+    _positive("model.vocab_size", model.vocab_size, allow_zero=True)
+    if model.num_heads % model.num_kv_heads:
+      raise _fail("model.num_kv_heads",
+                  f"must divide num_heads={model.num_heads}, got {model.num_kv_heads}")
+  elif not os.path.isfile(os.path.join(model.path, "config.json")):
+    raise _fail("model.path", f"expected 'tiny' or a folder with config.json, got {model.path!r}")
+
+  tokenizer = c["tokenizer"]
+  if tokenizer and not os.path.isdir(tokenizer):
+    raise _fail("tokenizer", f"expected '' (built-in) or a tokenizer folder, got {tokenizer!r}")
+  if not tokenizer and not model.is_tiny and os.path.isfile(
+      os.path.join(model.path, "tokenizer_config.json")):
+    tokenizer = model.path  # A pretrained model's own tokenizer.
+
+  data_cfg = _section(data_lib.DataConfig, "data", c["data"])
+
+  rewards = c["rewards"]
+  if not isinstance(rewards, (list, tuple)) or not rewards:
+    raise _fail("rewards", "expected a non-empty list of (name, weight, kwargs)")
+  parsed = []
+  for i, spec in enumerate(rewards):
+    if not (isinstance(spec, (list, tuple)) and len(spec) in (2, 3) and isinstance(spec[0], str)
+            and isinstance(spec[1], (int, float))):
+      raise _fail(f"rewards[{i}]", f"expected (name, weight[, kwargs]), got {spec!r}")
+    parsed.append((spec[0], float(spec[1]), dict(spec[2]) if len(spec) == 3 else {}))
+
+  rollout = _section(RolloutConfig, "rollout", c["rollout"])
+  _positive("rollout.group_size", rollout.group_size)
+  _positive("rollout.max_new_tokens", rollout.max_new_tokens)
+  _positive("rollout.top_k", rollout.top_k, allow_zero=True)
+  if not rollout.temperature >= 0:
+    raise _fail("rollout.temperature", f"expected >= 0, got {rollout.temperature}")
+  if not 0 < rollout.top_p <= 1:
+    raise _fail("rollout.top_p", f"expected in (0, 1], got {rollout.top_p}")
+  rollout = dataclasses.replace(rollout, stop_strings=tuple(rollout.stop_strings))
+
+  rl = dict(c["rl"])
+  rl_top = {k: rl.pop(k) for k in ("estimator", "adv_eps", "filter_zero_std_groups",
+                                   "kl_on_filtered_groups", "overlong_buffer", "overlong_penalty")
+            if k in rl}
+  if "dual_clip" in rl and not rl["dual_clip"]:
+    rl["dual_clip"] = None
+  loss_cfg = _section(losses.LossConfig, "rl", rl)
+  if loss_cfg.max_len is None:  # The norm aggregation divides by the response budget.
+    loss_cfg = dataclasses.replace(loss_cfg, max_len=rollout.max_new_tokens)
+  rl_cfg = _section(RLConfig, "rl", {**rl_top, "loss": loss_cfg})
+  if rl_cfg.estimator not in adv_lib.ESTIMATORS:
+    raise _fail("rl.estimator",
+                f"unknown estimator {rl_cfg.estimator!r} (known: {', '.join(adv_lib.ESTIMATORS)})")
+  if not rl_cfg.adv_eps > 0:
+    raise _fail("rl.adv_eps", f"expected > 0, got {rl_cfg.adv_eps}")
+  if rl_cfg.estimator == "grpo" and rollout.group_size < 2:
+    raise _fail("rollout.group_size",
+                f"estimator {rl_cfg.estimator!r} divides by the group std: needs >= 2, got "
+                f"{rollout.group_size}")
+  if rl_cfg.estimator in ("rloo", "grpo_passk") and rollout.group_size < 2:
+    raise _fail("rollout.group_size",
+                f"estimator {rl_cfg.estimator!r} needs >= 2 responses per group, got "
+                f"{rollout.group_size}")
+  _positive("rl.overlong_buffer", rl_cfg.overlong_buffer, allow_zero=True)
+  if rl_cfg.overlong_buffer >= rollout.max_new_tokens:
+    raise _fail("rl.overlong_buffer",
+                f"must be < rollout.max_new_tokens={rollout.max_new_tokens}, got "
+                f"{rl_cfg.overlong_buffer}")
+
+  optim = _section(OptimConfig, "optim", c["optim"])
+  if not optim.learning_rate > 0:
+    raise _fail("optim.learning_rate", f"expected > 0, got {optim.learning_rate}")
+  _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
+  if optim.decay not in ("cosine", "linear", "constant"):
+    raise _fail("optim.decay", f"expected cosine | linear | constant, got {optim.decay!r}")
+  if not optim.max_grad_norm >= 0:
+    raise _fail("optim.max_grad_norm", f"expected >= 0, got {optim.max_grad_norm}")
+
+  train = _section(TrainConfig, "train", c["train"])
+  for f in ("num_steps", "ppo_epochs", "log_every", "eval_num_prompts", "eval_pass_k",
+            "keep_checkpoints", "export_token_groups"):
+    _positive(f"train.{f}", getattr(train, f), allow_zero=f == "export_token_groups")
+  for f in ("minibatch_size", "microbatch_size", "eval_every", "checkpoint_every", "export_every"):
+    _positive(f"train.{f}", getattr(train, f), allow_zero=True)
+
+  mesh = _section(MeshConfig, "mesh", c["mesh"])
+
+  run = RunConfig(seed=c["seed"], model=model, tokenizer=tokenizer, data=data_cfg,
+                  rewards=tuple(parsed), rollout=rollout, rl=rl_cfg, optim=optim, train=train,
+                  mesh=mesh)
+
+  # Cross-section divisibility, checked before anything compiles.
+  if run.rollout_batch % run.minibatch:
+    raise _fail("train.minibatch_size",
+                f"must divide the rollout batch data.batch_size*rollout.group_size="
+                f"{run.rollout_batch}, got {run.minibatch}")
+  if run.minibatch % run.microbatch:
+    raise _fail("train.microbatch_size",
+                f"must divide the minibatch {run.minibatch}, got {run.microbatch}")
+  if num_devices is not None:
+    try:
+      data_ax, fsdp_ax, _ = mesh.resolve(num_devices)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
+    batch_div = data_ax * fsdp_ax
+    if run.microbatch % batch_div:
+      raise _fail("train.microbatch_size",
+                  f"the microbatch ({run.microbatch} responses) must be divisible by the mesh "
+                  f"batch axes data*fsdp={batch_div}")
+    import jax
+    if data_cfg.batch_size % jax.process_count():
+      raise _fail("data.batch_size",
+                  f"must be divisible by the number of processes {jax.process_count()}, got "
+                  f"{data_cfg.batch_size}")
+  return run
