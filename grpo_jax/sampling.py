@@ -154,8 +154,12 @@ def filter_logits(logits_NxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> 
   use_k = 0 < top_k < V
   if not use_k and top_p >= 1.0:
     return logits_NxV
-  # Sorted candidate logits, descending: the top k, or the whole vocabulary for top-p alone.
-  cand_NxC, _ = jax.lax.top_k(logits_NxV, top_k if use_k else V)
+  # Sorted candidate logits, descending: the top k, or the whole vocabulary for top-p alone (a
+  # full sort per step: O(V log V) per row, the price of an exact nucleus).
+  if use_k:
+    cand_NxC, _ = jax.lax.top_k(logits_NxV, top_k)
+  else:
+    cand_NxC = jnp.flip(jnp.sort(logits_NxV, axis=-1), axis=-1)
   if top_p < 1.0:
     probs_NxC = jax.nn.softmax(cand_NxC.astype(jnp.float32), axis=-1)
     mass_before_NxC = jnp.cumsum(probs_NxC, axis=-1) - probs_NxC
@@ -351,8 +355,8 @@ def _place(tree, mesh):
   if mesh is None:
     return tree
   return jax.tree.map(
-      lambda x: jax.device_put(x, sharding_lib.batch_sharding(mesh, np.ndim(x),
-                                                              sharding_lib.ROLLOUT_RULES)), tree)
+      lambda x: jax.device_put(x, sharding_lib.batch_sharding(
+          mesh, np.ndim(x), sharding_lib.ROLLOUT_RULES, shape=np.shape(x))), tree)
 
 
 # ----------------------------------------------------------------------------- public API
