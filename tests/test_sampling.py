@@ -19,9 +19,12 @@ PAD = 0
 
 
 def _model(name="qwen2", head_scale=30.0, seed=0, **overrides):
-  """A tiny model whose LM head is scaled up: peaked distributions, no argmax near-ties."""
+  """A tiny model with a scaled-up LM head (peaked distributions, no argmax near-ties) and scaled
+  q/k projections (sharp attention, so that a wrong position or cache slot changes the argmax)."""
   model = Decoder(tiny_config(name, **overrides), rngs=nnx.Rngs(seed))
   model.lm_head[...] = model.lm_head[...] * head_scale
+  for w in (model.layers.q_proj, model.layers.k_proj):
+    w[...] = w[...] * 12.0
   return model
 
 
