@@ -31,6 +31,11 @@ rules)` maps them through `grpo_jax.sharding.logical_to_spec`, and `init_sharded
 initialises a model directly sharded (eval_shape -> shardings -> jit(init, out_shardings=...)),
 so no device ever holds the whole model.
 
+LoRA (`grpo_jax.models.lora`): `Decoder(config, rngs=..., lora=LoraConfig(rank=16, ...))` adds
+adapters as `LoraParam` variables (`nnx.split(model, LoraParam, ...)` isolates them for the
+optimizer); the forward adds s · x A B to each adapted projection inside the same layer scan, and
+`model(..., use_lora=False)` is the base model (the reference policy) on the same arrays.
+
 Layers are stacked (leading "layers" axis on every block parameter) and run with `lax.scan`:
 compile time stays flat in depth, which matters for CPU tests and for 28+ layer models alike.
 With `config.remat`, each scanned block is wrapped in `jax.checkpoint`, so the backward pass keeps
