@@ -286,6 +286,11 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
                   f"the microbatch ({run.microbatch} responses) must be divisible by the mesh "
                   f"batch axes data*fsdp={batch_div}")
     import jax
+    if jax.process_count() > 1 and data_cfg.batch_size % batch_div:
+      # Each process feeds its own prompts: they must split evenly over the batch axes.
+      raise _fail("data.batch_size",
+                  f"with {jax.process_count()} processes the prompts per step must be divisible "
+                  f"by the mesh batch axes data*fsdp={batch_div}, got {data_cfg.batch_size}")
     if data_cfg.batch_size % jax.process_count():
       raise _fail("data.batch_size",
                   f"must be divisible by the number of processes {jax.process_count()}, got "

@@ -33,7 +33,11 @@ class MetricsWriter:
     if not self.enabled:
       return
     import tensorboardX  # Imported lazily: only process 0 needs it.
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # A resumed run redoes the steps after its checkpoint: drop what an earlier attempt logged for
+    # them (purge_step does the same for TensorBoard readers).
+    truncate_jsonl(self.path, initial_step)
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                          purge_step=initial_step + 1 if initial_step else None)
     self._file = open(self.path, "a")
     if progress_bar:
       import tqdm
@@ -63,6 +67,24 @@ class MetricsWriter:
     self._file.close()
     if self._bar is not None:
       self._bar.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps only the lines of a `{"step": ...}` JSONL file with step <= last_step (atomically)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except (json.JSONDecodeError, KeyError, TypeError):
+        continue
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

@@ -138,9 +138,14 @@ def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int] | 
   return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] = TRAIN_RULES) -> NamedSharding:
-  """Sharding of an array whose leading axis is the batch (split over the data axes)."""
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh, rules))
+def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] = TRAIN_RULES, *,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+  """Sharding of an array whose leading axis is the batch (split over the data axes).
+
+  With `shape`, batch axes that do not divide the leading dimension are dropped (e.g. 4 prompts on
+  8 devices are split 4 ways and replicated twice) instead of failing.
+  """
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
 
 
 def batch_size_multiple(mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> int:
@@ -150,11 +155,22 @@ def batch_size_multiple(mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> i
 
 def shard_batch(tree: Any, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> Any:
   """Places a pytree of global (host-identical) arrays batch-sharded on the mesh."""
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules)), tree)
+  return jax.tree.map(
+      lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules, shape=np.shape(x))),
+      tree)
 
 
 def host_local_to_global(tree: Any, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> Any:
-  """Turns per-process batch slices into global arrays (multi-host safe; identity layout on one host)."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), x),
-      tree)
+  """Turns per-process batch slices into global arrays (multi-host safe; identity layout on one host).
+
+  Every process passes its own slice (the same leading size on each); the global leading size is
+  that times the number of processes.
+  """
+  n = jax.process_count()
+
+  def to_global(x):
+    shape = (np.shape(x)[0] * n,) + tuple(np.shape(x)[1:])
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh, np.ndim(x), rules, shape=shape), x, shape)
+
+  return jax.tree.map(to_global, tree)

@@ -255,13 +255,16 @@ def preflight(run: RunConfig, workdir: str) -> None:
     raise ConfigError(f"--workdir: {workdir!r} exists and is not a directory")
 
 
-def run(run_config: RunConfig, workdir: str, *, devices=None) -> dict[str, float]:
+def run(run_config: RunConfig, workdir: str, *, devices=None,
+        stop_after: int | None = None) -> dict[str, float]:
   """Trains `run_config.train.num_steps` GRPO steps in `workdir`, resuming from its checkpoints.
 
   Args:
     run_config: the validated config.
     workdir: checkpoints, metrics, exports; a workdir with checkpoints is resumed.
     devices: the devices of the mesh (default: all).
+    stop_after: run at most this many steps in this call, then checkpoint and return, as a
+      preempted job would (tests of resume use it).
 
   Returns:
     The metrics of the last step.
@@ -297,117 +300,143 @@ def run(run_config: RunConfig, workdir: str, *, devices=None) -> dict[str, float
 
   writer = metrics_lib.MetricsWriter(workdir, total_steps=run.train.num_steps, initial_step=start,
                                      progress_bar=run.train.progress_bar)
-  data_log = open(os.path.join(workdir, "data_seen.jsonl"), "a") if is_main else None
+  data_log_path = os.path.join(workdir, "data_seen.jsonl")
+  data_log = None
+  if is_main:  # Steps after the checkpoint we resume from are redone: drop their old lines.
+    metrics_lib.truncate_jsonl(data_log_path, start)
+    data_log = open(data_log_path, "a")
   pending = None  # Metrics of the previous step: fetched one step late, the device never waits.
   last = {}
+  end = run.train.num_steps if stop_after is None else min(run.train.num_steps, start + stop_after)
+  saved = start
+  stop = _StopRequest()
   try:
-    for step in range(start, run.train.num_steps):
+    for step in range(start, end):
       t0 = time.perf_counter()
-      batch = next(data_iter)
-      if data_log is not None:  # Which examples each step trained on: audits and resume tests.
-        data_log.write(json.dumps({"step": step + 1,
-                                   "index": np.asarray(batch["index"]).tolist()}) + "\n")
-        data_log.flush()
-      prompt_ids, prompt_mask = host.to_global((batch["prompt_ids"], batch["prompt_mask"]), mesh)
-      step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-      sample_key, _ = jax.random.split(step_key)
+      # If this step fails before the update (a reward function raises, the retriever is down),
+      # the finished steps are saved with the iterator state from before this step's batch.
+      data_state_before = data_iter.get_state()
+      updating = False
+      try:
+        batch = next(data_iter)
+        if data_log is not None:  # Which examples each step trained on: audits and resume tests.
+          data_log.write(json.dumps({"step": step + 1,
+                                     "index": np.asarray(batch["index"]).tolist()}) + "\n")
+          data_log.flush()
+        prompt_ids, prompt_mask = host.to_global((batch["prompt_ids"], batch["prompt_mask"]), mesh)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+        sample_key, _ = jax.random.split(step_key)
 
-      # 1. Rollout: G responses per prompt, prompt prefilled once.
-      out = steps.generate(state.params, prompt_ids, prompt_mask, sample_key)
-      completions_h = host.to_host(out.tokens)
-      cmask_h = host.to_host(out.mask)
-      t_rollout = time.perf_counter()
+        # 1. Rollout: G responses per prompt, prompt prefilled once.
+        out = steps.generate(state.params, prompt_ids, prompt_mask, sample_key)
+        completions_h = host.to_host(out.tokens)
+        cmask_h = host.to_host(out.mask)
+        t_rollout = time.perf_counter()
 
-      # 2. Rewards on the host that holds the text.
-      g = run.rollout.group_size
-      texts = host.decode(tokenizer, completions_h, cmask_h)
-      prompts_rep = [p for p in batch["prompt_text"] for _ in range(g)]
-      examples_rep = [host.example(batch, i) for i in range(len(batch["prompt_text"])) for _ in range(g)]
-      rw = reward_fn(prompts_rep, texts, examples_rep)
-      rewards_h = np.asarray(rw.total, np.float32)
-      components = {k: np.asarray(v, np.float32) for k, v in rw.components.items()}
-      lengths_h = cmask_h.sum(axis=1)
-      if run.rl.overlong_buffer > 0:
-        pen = overlong_penalty(lengths_h, run.rollout.max_new_tokens, run.rl.overlong_buffer,
-                               run.rl.overlong_penalty)
-        rewards_h = rewards_h + pen
-        components["overlong"] = pen
-      t_reward = time.perf_counter()
+        # 2. Rewards on the host that holds the text.
+        g = run.rollout.group_size
+        texts = host.decode(tokenizer, completions_h, cmask_h)
+        prompts_rep = [p for p in batch["prompt_text"] for _ in range(g)]
+        examples_rep = [host.example(batch, i) for i in range(len(batch["prompt_text"])) for _ in range(g)]
+        rw = reward_fn(prompts_rep, texts, examples_rep)
+        rewards_h = np.asarray(rw.total, np.float32)
+        components = {k: np.asarray(v, np.float32) for k, v in rw.components.items()}
+        lengths_h = cmask_h.sum(axis=1)
+        if run.rl.overlong_buffer > 0:
+          pen = overlong_penalty(lengths_h, run.rollout.max_new_tokens, run.rl.overlong_buffer,
+                                 run.rl.overlong_penalty)
+          rewards_h = rewards_h + pen
+          components["overlong"] = pen
+        t_reward = time.perf_counter()
 
-      # 3. Advantages over the global batch, and the update batch.
-      rewards, comps = host.to_global((rewards_h, components), mesh)
-      info_mask = getattr(out, "info_mask", None)
-      if info_mask is None:
-        info_mask = jnp.zeros_like(out.mask)
-      train_batch, gstats = steps.assemble(prompt_ids, prompt_mask, out.tokens, out.mask,
-                                           info_mask, rewards)
-      roll_metrics = steps.rollout_metrics(rewards, comps, train_batch["advantages"], out.mask,
-                                           out.truncated, gstats["zero_spread_frac"])
+        # 3. Advantages over the global batch, and the update batch.
+        rewards, comps = host.to_global((rewards_h, components), mesh)
+        info_mask = getattr(out, "info_mask", None)
+        if info_mask is None:
+          info_mask = jnp.zeros_like(out.mask)
+        train_batch, gstats = steps.assemble(prompt_ids, prompt_mask, out.tokens, out.mask,
+                                             info_mask, rewards)
+        roll_metrics = steps.rollout_metrics(rewards, comps, train_batch["advantages"], out.mask,
+                                             out.truncated, gstats["zero_spread_frac"])
 
-      # 4. Old / reference log-probs where needed, then the update.
-      n_mb = run.rollout_batch // run.minibatch
-      on_policy = run.train.ppo_epochs == 1 and n_mb == 1
-      if not on_policy:
-        train_batch["old_logp"] = steps.logprobs(state.params, train_batch["tokens"],
-                                                 train_batch["attn_mask"])
-      if setup.ref_params is not None:
-        train_batch["ref_logp"] = steps.logprobs(setup.ref_params, train_batch["tokens"],
-                                                 train_batch["attn_mask"])
-      export_now = run.train.export_every and (step + 1) % run.train.export_every == 0
-      if export_now:
-        pre_update = {k: train_batch[k] for k in ("tokens", "attn_mask")}
-        old_for_export = train_batch.get("old_logp")
-        if old_for_export is None:
-          old_for_export = steps.logprobs(state.params, train_batch["tokens"],
-                                          train_batch["attn_mask"])
-      upd_metrics = []
-      for epoch in range(run.train.ppo_epochs):
-        if n_mb == 1:
-          minibatches = [train_batch]
-        else:
-          perm = np.asarray(jax.random.permutation(
-              jax.random.fold_in(step_key, 1000 + epoch), run.rollout_batch))
-          minibatches = [steps.take(train_batch, perm[i * run.minibatch:(i + 1) * run.minibatch])
-                         for i in range(n_mb)]
-          minibatches = [jax.device_put(mb, jax.tree.map(lambda x: steps.batch_sh(x.ndim), mb))
-                         for mb in minibatches]
-        for mb in minibatches:
-          state, m = steps.train_step(state, mb)
-          upd_metrics.append(m)
-      state = steps.finish_step(state)
-      t_update = time.perf_counter()
+        # 4. Old / reference log-probs where needed, then the update.
+        n_mb = run.rollout_batch // run.minibatch
+        on_policy = run.train.ppo_epochs == 1 and n_mb == 1
+        if not on_policy:
+          train_batch["old_logp"] = steps.logprobs(state.params, train_batch["tokens"],
+                                                   train_batch["attn_mask"])
+        if setup.ref_params is not None:
+          train_batch["ref_logp"] = steps.logprobs(setup.ref_params, train_batch["tokens"],
+                                                   train_batch["attn_mask"])
+        export_now = run.train.export_every and (step + 1) % run.train.export_every == 0
+        if export_now:
+          pre_update = {k: train_batch[k] for k in ("tokens", "attn_mask")}
+          old_for_export = train_batch.get("old_logp")
+          if old_for_export is None:
+            old_for_export = steps.logprobs(state.params, train_batch["tokens"],
+                                            train_batch["attn_mask"])
+        upd_metrics = []
+        updating = True  # The state is donated from here on: no emergency save.
+        for epoch in range(run.train.ppo_epochs):
+          if n_mb == 1:
+            minibatches = [train_batch]
+          else:
+            perm = np.asarray(jax.random.permutation(
+                jax.random.fold_in(step_key, 1000 + epoch), run.rollout_batch))
+            minibatches = [steps.take(train_batch, perm[i * run.minibatch:(i + 1) * run.minibatch])
+                           for i in range(n_mb)]
+            minibatches = [jax.device_put(mb, jax.tree.map(lambda x: steps.batch_sh(x.ndim), mb))
+                           for mb in minibatches]
+          for mb in minibatches:
+            state, m = steps.train_step(state, mb)
+            upd_metrics.append(m)
+        state = steps.finish_step(state)
+        t_update = time.perf_counter()
 
-      # 5. Metrics of the previous step (its arrays are ready by now), this step's timings.
-      if pending is not None:
-        last = _flush(writer, pending)
-      lr = update.learning_rate_schedule(run.optim, run.train.num_steps * run.train.ppo_epochs
-                                         * n_mb)(max((step + 1) * run.train.ppo_epochs * n_mb - 1, 0))
-      pending = (step + 1, roll_metrics, upd_metrics, {
-          "time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
-          "time/update_s": t_update - t_reward, "time/step_s": t_update - t0,
-          "throughput/tokens_per_s": float(lengths_h.sum()) * jax.process_count()
-                                     / max(t_update - t0, 1e-9),
-          "optim/learning_rate": float(lr),
-      })
-      writer.advance()
-
-      # 6. Export, evaluation and checkpoint.
-      if export_now:
-        new_logp = steps.logprobs(state.params, pre_update["tokens"], pre_update["attn_mask"])
-        export_lib.write_step(
-            workdir, step + 1, tokenizer=tokenizer, run=run, texts=texts, rewards=rewards,
-            components=comps, train_batch=train_batch, gstats=gstats, truncated=out.truncated,
-            old_logp=old_for_export, new_logp=new_logp, info_mask=info_mask)
-      if run.train.eval_every and (step + 1) % run.train.eval_every == 0 and run.data.eval_split:
-        eval_metrics = evaluation.evaluate(steps, state.params, run, tokenizer, reward_fn,
-                                           mesh, step_key)
+        # 5. Metrics of the previous step (its arrays are ready by now), this step's timings.
         if pending is not None:
-          pending[3].update(eval_metrics)
-      if checkpointer.should_save(step + 1) or step + 1 == run.train.num_steps:
-        checkpointer.save(step + 1, state, data_iter.get_state(), run)
+          last = _flush(writer, pending)
+        lr = update.learning_rate_schedule(run.optim, run.train.num_steps * run.train.ppo_epochs
+                                           * n_mb)(max((step + 1) * run.train.ppo_epochs * n_mb - 1, 0))
+        pending = (step + 1, roll_metrics, upd_metrics, {
+            "time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
+            "time/update_s": t_update - t_reward, "time/step_s": t_update - t0,
+            "throughput/tokens_per_s": float(lengths_h.sum()) * jax.process_count()
+                                       / max(t_update - t0, 1e-9),
+            "optim/learning_rate": float(lr),
+        })
+        writer.advance()
+
+        # 6. Export, evaluation and checkpoint.
+        if export_now:
+          new_logp = steps.logprobs(state.params, pre_update["tokens"], pre_update["attn_mask"])
+          export_lib.write_step(
+              workdir, step + 1, tokenizer=tokenizer, run=run, texts=texts, rewards=rewards,
+              components=comps, train_batch=train_batch, gstats=gstats, truncated=out.truncated,
+              old_logp=old_for_export, new_logp=new_logp, info_mask=info_mask)
+        if run.train.eval_every and (step + 1) % run.train.eval_every == 0 and run.data.eval_split:
+          eval_metrics = evaluation.evaluate(steps, state.params, run, tokenizer, reward_fn,
+                                             mesh, step_key)
+          if pending is not None:
+            pending[3].update(eval_metrics)
+        if (checkpointer.should_save(step + 1) or step + 1 == end or stop.requested):
+          if pending is not None:  # Every step a checkpoint holds has its metrics written.
+            last, pending = _flush(writer, pending), None
+          checkpointer.save(step + 1, state, data_iter.get_state(), run)
+          saved = step + 1
+      except BaseException:
+        if not updating and step > saved:
+          logging.error("step %d failed: saving the %d finished steps before re-raising", step + 1,
+                        step)
+          checkpointer.save(step, state, data_state_before, run)
+        raise
+      if stop.requested:
+        logging.warning("stop requested (SIGTERM): checkpointed step %d, exiting", step + 1)
+        break
     if pending is not None:
       last = _flush(writer, pending)
   finally:
+    stop.restore()
     checkpointer.close()
     writer.close()
     if data_log is not None:
@@ -417,6 +446,27 @@ def run(run_config: RunConfig, workdir: str, *, devices=None) -> dict[str, float
     metrics_lib.plot_curves(rows, ("reward/mean", "eval/greedy_mean_reward"),
                             os.path.join(workdir, "reward_curve.png"), title="GRPO reward")
   return last
+
+
+class _StopRequest:
+  """Turns SIGTERM (preemption, scancel) into a checkpoint at the end of the current step."""
+
+  def __init__(self):
+    import signal
+    import threading
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    import signal
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _flush(writer: metrics_lib.MetricsWriter, pending) -> dict[str, float]:
