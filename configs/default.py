@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- training loop ------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 150  # GRPO steps (rollout + update each).
+  c.train.num_steps = 200  # GRPO steps (rollout + update each).
   c.train.ppo_epochs = 1  # passes over each rollout batch.
   c.train.minibatch_size = 0  # responses per optimizer step (0 = the whole rollout batch).
   c.train.microbatch_size = 0  # responses per forward/backward (gradient accumulation; 0 = minibatch).

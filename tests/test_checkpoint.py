@@ -53,7 +53,7 @@ def assert_trees_equal(a, b):
 def tiny_jsonl(tmp_path_factory):
   """10 digits-task examples: with 4 prompts a step, an epoch ends inside step 3."""
   d = tmp_path_factory.mktemp("data")
-  rows = [{"prompt": f"{a} {b} {c} repeat the last digit:", "answer": str(c)}
+  rows = [{"prompt": f"repeat the last digit: {a} {b} {c}", "answer": str(c)}
           for a, b, c in np.random.default_rng(0).integers(0, 10, (10, 3))]
   for split in ("train", "test"):
     test_datasets.write_jsonl(os.path.join(d, f"{split}.jsonl"), rows)

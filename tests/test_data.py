@@ -74,7 +74,7 @@ def test_builtin_builders_build_and_read_back(data_dir):
   import tensorflow_datasets as tfds
   for task in data.BUILTIN_TASKS:
     folder = os.path.join(data_dir, data.builder_name(task))
-    files = os.listdir(os.path.join(folder, "1.0.0"))
+    files = os.listdir(os.path.join(folder, str(data.BUILTIN_TASKS[task].VERSION)))
     assert any(".array_record-" in f for f in files), files
   train = data.open_source(digits_cfg(data_dir), "train")
   test = data.open_source(digits_cfg(data_dir), "test")
@@ -82,7 +82,7 @@ def test_builtin_builders_build_and_read_back(data_dir):
   rows = train.get_many(range(len(train))) + test.get_many(range(len(test)))
   assert len({r["prompt"] for r in rows}) == 1000  # all 1000 prompts, train and test disjoint
   for r in rows:
-    digits = re.fullmatch(r"(\d) (\d) (\d) repeat the last digit:", r["prompt"]).groups()
+    digits = re.fullmatch(r"repeat the last digit: (\d) (\d) (\d)", r["prompt"]).groups()
     assert r["answer"] == digits[-1]
   # Readable by name through tfds.data_source too ("tfds:<name>" sources).
   raw = tfds.data_source("grpo_digits", split="test", data_dir=data_dir)
@@ -124,7 +124,7 @@ def test_prepare_builtin_concurrent_first_use(tmp_path):
   outs = [p.communicate(timeout=120) for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
   folder = tmp_path / "grpo_digits"
-  assert os.listdir(folder) == ["1.0.0"]  # no leftover incomplete.* folder
+  assert os.listdir(folder) == [str(data.BUILTIN_TASKS["digits"].VERSION)]  # no leftover incomplete.* folder
   assert sum("Downloading and preparing" in out + err for out, err in outs) == 1  # built exactly once
   cfg = digits_cfg(str(tmp_path))
   assert data.num_examples(cfg) == 900 and data.num_examples(cfg, "test") == 100
@@ -143,7 +143,7 @@ def test_tfds_source_reads_prepared_dataset(data_dir, tok):
   cfg = data.DataConfig(source="tfds:grpo_digits", data_dir=data_dir, batch_size=4)
   data.check_source(cfg)
   batch = next(iter(data.make_dataset(cfg, tok)))
-  assert all(re.fullmatch(r"\d \d \d repeat the last digit:", t) for t in batch["prompt_text"])
+  assert all(re.fullmatch(r"repeat the last digit: \d \d \d", t) for t in batch["prompt_text"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,5 +316,5 @@ def test_eval_split_and_rewards_of_the_digits_task(data_dir, tok):
   assert fn(batch["prompt_text"], right, examples).total.tolist() == [1.0] * 20
   wrong = [str((int(a) + 1) % 10) for a in right]
   np.testing.assert_array_equal(fn(batch["prompt_text"], wrong, examples).total,
-                                np.full(20, 0.1, np.float32))
+                                np.full(20, 0.5, np.float32))  # stopped, wrong digit
   assert batch["prompt_ids"].shape == (20, 16)  # 14 tokens: the smallest bucket

@@ -110,9 +110,10 @@ def test_format_reward_cases():
 
 
 def test_digits_reward_table():
-  completions = ["7", " 7 ", "7x", "a7 3", "3", "x3 7", "", "no"]
-  got = rw.digits_reward([""] * 8, completions, [{"answer": "7"}] * 8)
-  assert got == [1.0, 1.0, 0.5, 0.5, 0.1, 0.1, 0.0, 0.0]
+  # right first character (0.5) + stopped after one character (0.5), independently.
+  completions = ["7", " 7 ", "7x", "a7 3", "3", "x", "x3 7", "", "no", "77"]
+  got = rw.digits_reward([""] * 10, completions, [{"answer": "7"}] * 10)
+  assert got == [1.0, 1.0, 0.5, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.5]
 
 
 USER_MODULE = """
@@ -151,7 +152,7 @@ def test_make_reward_fn_weighted_sum_and_components(user_module):
   completions = ["7", "<answer>3</answer>", "zz"]
   examples = [{"answer": "7"}, {"answer": ["3"]}, {"answer": "1"}]
   out = fn(["p"] * 3, completions, examples)
-  digits = np.array([1.0, 0.5, 0.0], np.float32)
+  digits = np.array([1.0, 0.0, 0.0], np.float32)  # "<answer>3..." starts with "<", not "3"
   score = np.array([2.0, 19.0, 3.0], np.float32)
   fmt = np.array([0.0, 1.0, 0.0], np.float32)
   assert list(out.components) == ["digits", f"{user_module}:score", "format", "digits#2"]

@@ -36,7 +36,7 @@ def test_special_tokens_and_vocab(tok):
 
 
 @pytest.mark.parametrize("text", [
-    "3 8 1 repeat the last digit:",
+    "repeat the last digit: 3 8 1",
     "<think>so 3 + 4 = 7</think><answer>7</answer>",
     "ann has 12 apples. then ann gives away 5.\n#### 7",
     "there theory them",  # words inside longer words fall back to characters

@@ -5,9 +5,10 @@ with `tfds.data_source`, which needs no TensorFlow. Each task has a reward of th
 `grpo_jax.rewards` (`"digits"`, `"arithmetic"`).
 
 Tasks:
-  digits: ``"3 8 1 repeat the last digit:"`` → ``"1"``. The answer is one token copied from a fixed
-    offset in the prompt: a 2-layer, width-64 transformer trained from random init with GRPO picks
-    it up within minutes of CPU. Its reward (`grpo_jax.rewards.digits_reward`) is shaped so that a
+  digits: ``"repeat the last digit: 3 8 1"`` → ``"1"``. The answer is one token copied from the
+    end of the prompt, then a stop: a 2-layer, width-64 transformer trained from random init with
+    GRPO picks it up within a minute of CPU (v1.0.0 put the digits first; copying from ten tokens
+    back took the same model thousands of steps, too slow for the default run). Its reward (`grpo_jax.rewards.digits_reward`) is shaped so that a
     random policy already gets spread within each group. 1000 prompts: 900 train, 100 test
     (disjoint).
   arithmetic: two- to four-step word problems with GSM8K-style gold (worked steps, then
@@ -41,8 +42,9 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
 class GrpoDigits(_LocalBuilder):
   """The `digits` task: repeat the last of three digits."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "The instruction comes first, the digits last."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -61,7 +63,7 @@ class GrpoDigits(_LocalBuilder):
   def _generate_examples(self, numbers):
     for n in numbers:
       a, b, c = int(n) // 100, int(n) // 10 % 10, int(n) % 10
-      yield int(n), {"prompt": f"{a} {b} {c} repeat the last digit:", "answer": str(c)}
+      yield int(n), {"prompt": f"repeat the last digit: {a} {b} {c}", "answer": str(c)}
 
 
 _NAMES = ("ann", "ben", "dan", "eve", "fay", "gus", "hal", "ivy")

@@ -12,34 +12,29 @@ _DIGIT_RE = re.compile(r"\d")
 
 
 def digits_reward(prompts: Sequence[str], completions: Sequence[str],
-                  examples: Sequence[Mapping[str, Any]], *, correct: float = 1.0,
-                  right_digit: float = 0.5, any_digit: float = 0.1) -> list[float]:
-  """Shaped reward of the `digits` task (answer: one digit).
+                  examples: Sequence[Mapping[str, Any]], *, right_digit: float = 0.5,
+                  one_token: float = 0.5) -> list[float]:
+  """Shaped reward of the `digits` task (answer: one digit, then stop).
 
-  Shaped so that a random policy already earns different rewards within a group (GRPO needs
-  spread from the first step), and each level is a step towards the next:
+  The sum of two independent parts, so that each response token gets its own credit and a random
+  policy already earns different rewards within a group (GRPO needs spread from the first step):
 
-  ==============================================  ==============
-  completion (whitespace stripped) == gold        `correct` (1.0)
-  its first digit is the gold digit (extra text)  `right_digit` (0.5)
-  it holds some digit, a wrong one first          `any_digit` (0.1)
-  no digit at all                                 0
-  ==============================================  ==============
+  =======================================================  ==============
+  the completion (whitespace stripped) starts with the gold  `right_digit` (0.5)
+  the completion is a single character (the model stopped)   `one_token` (0.5)
+  =======================================================  ==============
+
+  The exact answer earns both (1.0). Rewarding any digit anywhere, as a first version did, made
+  the policy collapse onto one digit token before it learned to copy the right one.
   """
   del prompts
   out = []
   for i, (c, ex) in enumerate(zip(completions, examples)):
     golds = [g.strip() for g in gold_answers(ex, i)]
     text = c.strip()
-    first = _DIGIT_RE.search(text)
-    if text in golds:
-      out.append(float(correct))
-    elif first is not None and first.group() in golds:
-      out.append(float(right_digit))
-    elif first is not None:
-      out.append(float(any_digit))
-    else:
-      out.append(0.0)
+    r = right_digit if text and any(g and text[0] == g[0] for g in golds) else 0.0
+    r += one_token if len(text) == 1 else 0.0
+    out.append(float(r))
   return out
 
 
