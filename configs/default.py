@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- rollout ------------------------------------------------------------------------------
   c.rollout = ml_collections.ConfigDict()
-  c.rollout.group_size = 8  # G: responses sampled per prompt.
+  c.rollout.group_size = 16  # G: responses sampled per prompt.
   c.rollout.max_new_tokens = 4  # response length budget (tokens); longer rows are truncated.
   c.rollout.temperature = 1.0  # sampling temperature (0 = greedy).
   c.rollout.top_k = 0  # keep the k most likely tokens (0 = off).
@@ -107,7 +107,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # checkpoints kept on disk.
   c.train.export_every = 50  # write the advantage Parquet every N steps (0 = never).
   c.train.export_token_groups = 2  # groups per export with a per-token view.
+  c.train.final_export = ""  # at the end: "" | "hf" (merged HF checkpoint) | "peft" (adapters).
   c.train.progress_bar = True  # tqdm progress bar on process 0.
+
+  # --- LoRA (parameter-efficient GRPO) --------------------------------------------------------
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # adapter rank r (0 = full fine-tuning: every parameter is trained).
+  c.lora.alpha = 16.0  # scale alpha / r of the adapter update.
+  c.lora.dropout = 0.0  # dropout on the adapter input (probability).
+  c.lora.target_modules = ("all-linear",)  # projections to adapt (regexes, e.g. "q_proj").
 
   # --- device mesh --------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -99,6 +99,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   export_every: int = 0
   export_token_groups: int = 2
+  final_export: str = ""
   progress_bar: bool = True
 
 
@@ -114,6 +115,7 @@ class RunConfig:
   optim: OptimConfig
   train: TrainConfig
   mesh: MeshConfig
+  lora: Any = None  # grpo_jax.models.lora.LoraConfig (rank 0 = full fine-tuning)
 
   @property
   def rollout_batch(self) -> int:
@@ -164,7 +166,8 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
 
   c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   expected = {"seed", "model", "tokenizer", "data", "rewards", "rollout", "rl", "optim", "train", "mesh"}
-  for key in sorted(set(c) - expected):
+  optional = {"lora"}
+  for key in sorted(set(c) - expected - optional):
     raise _fail(key, f"unknown section (known: {', '.join(sorted(expected))})")
   for key in sorted(expected - set(c)):
     raise _fail(key, "missing")
@@ -261,11 +264,21 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
   for f in ("minibatch_size", "microbatch_size", "eval_every", "checkpoint_every", "export_every"):
     _positive(f"train.{f}", getattr(train, f), allow_zero=True)
 
+  if train.final_export not in ("", "hf", "peft"):
+    raise _fail("train.final_export", f"expected '' | 'hf' | 'peft', got {train.final_export!r}")
+
   mesh = _section(MeshConfig, "mesh", c["mesh"])
+  from grpo_jax.models.lora import LoraConfig
+  lora_values = dict(c.get("lora") or {})
+  if "target_modules" in lora_values:
+    lora_values["target_modules"] = tuple(lora_values["target_modules"])
+  lora = _section(LoraConfig, "lora", lora_values)
+  if train.final_export == "peft" and not lora.enabled:
+    raise _fail("train.final_export", "'peft' writes LoRA adapters: set lora.rank > 0 (or use 'hf')")
 
   run = RunConfig(seed=c["seed"], model=model, tokenizer=tokenizer, data=data_cfg,
                   rewards=tuple(parsed), rollout=rollout, rl=rl_cfg, optim=optim, train=train,
-                  mesh=mesh)
+                  mesh=mesh, lora=lora)
 
   # Cross-section divisibility, checked before anything compiles.
   if run.rollout_batch % run.minibatch:

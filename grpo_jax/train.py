@@ -79,7 +79,12 @@ class Setup:
   tx: Any
   state_shardings: Any
   stop_token_ids: tuple[int, ...]
-  ref_params: Any = None
+  ref_params: Any = None  # A copy of the initial weights, only for full fine-tuning with beta > 0.
+  frozen: Any = None  # LoRA: the base weights (not trained, no optimizer state); None otherwise.
+
+  def policy_state(self, params):
+    """The whole policy state for the sampler: trained params plus frozen base weights."""
+    return params if self.frozen is None else nnx.merge_state(params, self.frozen)
 
 
 def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
@@ -89,17 +94,27 @@ def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
   total_updates = run.train.num_steps * run.train.ppo_epochs * (run.rollout_batch // run.minibatch)
   tx = update.make_optimizer(run.optim, total_updates)
 
-  def make_model():
-    return models.Decoder(mcfg, rngs=nnx.Rngs(params=run.seed))
+  lora = run.lora if run.lora.enabled else None
 
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
+  def make_model():
+    return models.Decoder(mcfg, rngs=nnx.Rngs(params=run.seed), lora=lora)
+
+  # The optimizer sees only what `trainable` selects: every parameter, or with LoRA the adapters;
+  # the frozen rest (the LoRA base) is held once and shared by policy, reference and sampler.
+  abstract_model = nnx.eval_shape(make_model)
+  filt = models.trainable(abstract_model)
+  graphdef, abstract_params, abstract_frozen = nnx.split(abstract_model, filt, ...)
   param_shardings = models.state_shardings(abstract_params, mesh, sharding.TRAIN_RULES)
+  frozen_shardings = models.state_shardings(abstract_frozen, mesh, sharding.TRAIN_RULES)
   if run.model.is_tiny:
-    params = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=param_shardings)()
+    params, frozen = jax.jit(lambda: nnx.split(make_model(), filt, ...)[1:],
+                             out_shardings=(param_shardings, frozen_shardings))()
   else:  # Each tensor is read straight onto its sharding: no full copy on one host.
-    params = nnx.split(models.from_pretrained(
+    _, params, frozen = nnx.split(models.from_pretrained(
         run.model.path, dtype=run.model.dtype, param_dtype=run.model.param_dtype, mesh=mesh,
-        rules=sharding.TRAIN_RULES, remat=run.model.remat))[1]
+        rules=sharding.TRAIN_RULES, remat=run.model.remat, lora=lora, lora_seed=run.seed),
+        filt, ...)
+  frozen = frozen if lora is not None else None
 
   def build_state(params):
     return update.TrainState(params=params, opt_state=tx.init(params),
@@ -120,8 +135,9 @@ def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
                         f"tokenizer; each stop string must be exactly one token")
     stop_ids.add(ids[0])
   setup = Setup(run=run, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, tx=tx,
-                state_shardings=state_shardings, stop_token_ids=tuple(sorted(stop_ids)))
-  if run.rl.loss.kl_coef > 0:
+                state_shardings=state_shardings, stop_token_ids=tuple(sorted(stop_ids)),
+                frozen=frozen)
+  if run.rl.loss.kl_coef > 0 and lora is None:
     # The frozen reference policy: a copy of the initial parameters (no copy when beta = 0).
     setup.ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                out_shardings=param_shardings)(state.params)
@@ -202,16 +218,27 @@ class Steps:
     self.rollout_metrics = jax.jit(rollout_metrics, out_shardings=rep)
     num_micro = run.minibatch // run.microbatch
     temp = r.temperature if r.temperature > 0 else 1.0
-    self.train_step = jax.jit(
+    train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
                           response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp),
-        in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, rep),
+        in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
         donate_argnums=0)
-    self.logprobs = jax.jit(
-        functools.partial(update.batched_response_logprobs, setup.graphdef,
-                          response_len=r.max_new_tokens, microbatch=run.microbatch,
-                          temperature=temp),
-        out_shardings=batch_sh(2))
+    self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
+
+    def logprobs(use_lora):
+      return jax.jit(functools.partial(
+          update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
+          microbatch=run.microbatch, temperature=temp, use_lora=use_lora),
+          out_shardings=batch_sh(2))
+    policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
+    self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,
+                                                               frozen=setup.frozen)
+    if setup.frozen is not None:
+      # LoRA: the reference policy is the base with adapters off (no second copy of the weights).
+      self.ref_logprobs = lambda params, toks, mask: base_logprobs(params, toks, mask,
+                                                                   frozen=setup.frozen)
+    else:
+      self.ref_logprobs = lambda _, toks, mask: policy_logprobs(setup.ref_params, toks, mask)
     self.take = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree),
                         out_shardings=None)
     self.finish_step = jax.jit(lambda s: s.replace(step=s.step + 1),
@@ -328,7 +355,7 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
         sample_key, _ = jax.random.split(step_key)
 
         # 1. Rollout: G responses per prompt, prompt prefilled once.
-        out = steps.generate(state.params, prompt_ids, prompt_mask, sample_key)
+        out = steps.generate(setup.policy_state(state.params), prompt_ids, prompt_mask, sample_key)
         completions_h = host.to_host(out.tokens)
         cmask_h = host.to_host(out.mask)
         t_rollout = time.perf_counter()
@@ -365,9 +392,9 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
         if not on_policy:
           train_batch["old_logp"] = steps.logprobs(state.params, train_batch["tokens"],
                                                    train_batch["attn_mask"])
-        if setup.ref_params is not None:
-          train_batch["ref_logp"] = steps.logprobs(setup.ref_params, train_batch["tokens"],
-                                                   train_batch["attn_mask"])
+        if run.rl.loss.kl_coef > 0:
+          train_batch["ref_logp"] = steps.ref_logprobs(state.params, train_batch["tokens"],
+                                                       train_batch["attn_mask"])
         export_now = run.train.export_every and (step + 1) % run.train.export_every == 0
         if export_now:
           pre_update = {k: train_batch[k] for k in ("tokens", "attn_mask")}
@@ -415,7 +442,8 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
               components=comps, train_batch=train_batch, gstats=gstats, truncated=out.truncated,
               old_logp=old_for_export, new_logp=new_logp, info_mask=info_mask)
         if run.train.eval_every and (step + 1) % run.train.eval_every == 0 and run.data.eval_split:
-          eval_metrics = evaluation.evaluate(steps, state.params, run, tokenizer, reward_fn,
+          eval_metrics = evaluation.evaluate(steps, setup.policy_state(state.params), run,
+                                             tokenizer, reward_fn,
                                              mesh, step_key)
           if pending is not None:
             pending[3].update(eval_metrics)
@@ -441,11 +469,32 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
     writer.close()
     if data_log is not None:
       data_log.close()
+  if run.train.final_export and state is not None:
+    export_model(setup, state, os.path.join(workdir, f"{run.train.final_export}_export"),
+                 run.train.final_export)
   if is_main and os.path.exists(writer.path):
     rows = metrics_lib.read_metrics(writer.path)
     metrics_lib.plot_curves(rows, ("reward/mean", "eval/greedy_mean_reward"),
                             os.path.join(workdir, "reward_curve.png"), title="GRPO reward")
   return last
+
+
+def export_model(setup: Setup, state: update.TrainState, path: str, kind: str) -> str:
+  """Writes the trained policy for transformers: "hf" = a full (LoRA-merged) checkpoint with the
+  tokenizer, "peft" = only the adapters in the format `peft.PeftModel.from_pretrained` loads."""
+  from grpo_jax import models
+  from grpo_jax.models import hf, lora
+  model = update.merge(setup.graphdef, state.params, setup.frozen)
+  if kind == "peft":
+    base = "" if setup.run.model.is_tiny else os.path.abspath(setup.run.model.path)
+    hf.save_peft_adapters(model, path, base_model_name_or_path=base or None)
+  else:
+    if lora.has_lora(model):
+      model = lora.merge_lora(model)
+    models.save_pretrained(model, path)
+    if jax.process_index() == 0:
+      setup.tokenizer.save_pretrained(path)
+  return path
 
 
 class _StopRequest:

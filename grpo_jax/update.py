@@ -32,7 +32,7 @@ from grpo_jax.config import OptimConfig, RLConfig
 @flax.struct.dataclass
 class TrainState:
   """Everything the update changes: one pytree, checkpointed whole by Orbax."""
-  params: Any  # nnx.State of the policy parameters.
+  params: Any  # nnx.State of the trained parameters (all of them, or only the LoRA adapters).
   opt_state: Any  # optax state (same sharding as params).
   step: jax.Array  # int32 scalar: GRPO steps done.
   rng: jax.Array  # uint32[2] raw PRNG key; per-step keys are fold_in(rng, step).
@@ -65,18 +65,25 @@ def make_optimizer(config: OptimConfig, total_updates: int) -> optax.GradientTra
   return optax.chain(*chain)
 
 
+def merge(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.Module:
+  """The policy from its trained parameters and, with LoRA, the frozen base weights."""
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
 def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array,
                       attn_mask_NxL: jax.Array, response_len: int, *, with_entropy: bool = False,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, frozen: Any = None, use_lora: bool = True):
   """Log-prob (and entropy) of each response token under the policy at `temperature`: [N, R] f32.
 
   Entry t of the model's per-token log-probs is log p(token t | tokens < t); the response fills
   the last `response_len` positions. Only those positions go through the LM head (the prompt's
   logits are never computed). Dividing the [E, V] head by the temperature divides the logits by it,
-  matching the distribution the sampler drew from.
+  matching the distribution the sampler drew from. `use_lora=False` is the reference policy of a
+  LoRA run: the same base weights with the adapters switched off (no second copy).
   """
-  model = nnx.merge(graphdef, params)
-  hidden_NxLxE = model(tokens_NxL, attention_mask=attn_mask_NxL, return_hidden=True)
+  model = merge(graphdef, params, frozen)
+  kwargs = {} if use_lora else {"use_lora": False}
+  hidden_NxLxE = model(tokens_NxL, attention_mask=attn_mask_NxL, return_hidden=True, **kwargs)
   # Keep one position before the response: it predicts the first response token.
   start = tokens_NxL.shape[1] - response_len - 1
   w_ExV = model.lm_head_weight()
@@ -89,7 +96,8 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array
 
 
 def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, response_len: int,
-                              microbatch: int, temperature: float = 1.0) -> jax.Array:
+                              microbatch: int, temperature: float = 1.0, frozen: Any = None,
+                              use_lora: bool = True) -> jax.Array:
   """`response_logprobs` in micro-batches (bounded activation memory), for old/ref log-probs."""
   n = tokens_NxL.shape[0]
   k = n // microbatch
@@ -97,7 +105,8 @@ def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, respo
   # without moving data between devices (see `_split_micro`).
   toks, mask = _split_micro(tokens_NxL, k), _split_micro(attn_mask_NxL, k)
   out = jax.lax.map(lambda tm: response_logprobs(graphdef, params, tm[0], tm[1], response_len,
-                                                 temperature=temperature), (toks, mask))
+                                                 temperature=temperature, frozen=frozen,
+                                                 use_lora=use_lora), (toks, mask))
   return _merge_micro(out)
 
 
@@ -116,7 +125,7 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, response_len: int,
-            denominators: dict[str, jax.Array], temperature: float):
+            denominators: dict[str, jax.Array], temperature: float, frozen: Any = None):
   """GRPO loss of one micro-batch, normalised by the whole minibatch's denominators.
 
   Returns (loss, metrics); summing the losses of all micro-batches of a minibatch gives the
@@ -126,7 +135,7 @@ def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, respons
   need_entropy = True  # Logged every step; the cost is one reduction over the chunked logits.
   logp_NxR, ent_NxR = response_logprobs(graphdef, params, batch["tokens"], batch["attn_mask"],
                                         response_len, with_entropy=need_entropy,
-                                        temperature=temperature)
+                                        temperature=temperature, frozen=frozen)
   old_logp_NxR = batch.get("old_logp")
   if old_logp_NxR is None:  # Fully on-policy: the rollout policy is the current one.
     old_logp_NxR = jax.lax.stop_gradient(logp_NxR)
@@ -157,10 +166,11 @@ def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[st
   }
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx, rl: RLConfig,
-               response_len: int, num_micro: int, temperature: float):
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, graphdef,
+               tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float):
   """One optimizer step on a minibatch, accumulating gradients over `num_micro` micro-batches.
 
+  `frozen` holds the base weights of a LoRA run (no gradient, no optimizer state); None otherwise.
   A step whose loss or gradients are not finite leaves params and optimizer state untouched and
   increments `state.skipped`.
   """
@@ -170,7 +180,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx, 
 
   def accumulate(grads, mb):
     (_, metrics), g = grad_fn(state.params, graphdef, mb, rl, response_len, denominators,
-                              temperature)
+                              temperature, frozen)
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)

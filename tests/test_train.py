@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(*overrides, arg="smoke"):
   """The default config with command-line style overrides, parsed as `grpo_jax.train` does."""
-  argv = ["prog", f"--config={ROOT}/configs/default.py:{arg}", *overrides]
+  path = f"{ROOT}/configs/default.py" + (f":{arg}" if arg else "")
+  argv = ["prog", f"--config={path}", *overrides]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
                                   sys_argv=argv)
@@ -29,19 +30,22 @@ def load(*overrides, arg="smoke"):
 
 
 def run_in(workdir, *overrides, devices=None, arg="smoke"):
+  """Runs the default config (variant `arg`) with overrides in `workdir`."""
   devices = devices or jax.devices()
   cfg = resolve(load(*overrides, arg=arg), num_devices=len(devices))
   train.preflight(cfg, str(workdir))
   return train.run(cfg, str(workdir), devices=devices), cfg
 
 
-def final_state(workdir, cfg):
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=0, keep=10)
-  step = ck.latest_step()
-  meta = ck._manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
-      state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))
-  ck.close()
-  return step, jax.tree.map(np.asarray, meta["state"])
+def final_state(workdir, cfg=None):
+  """(step, state as NumPy) of the latest checkpoint in `workdir`."""
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "data", "meta"))
+  step = mngr.latest_step()
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, jax.tree.map(np.asarray, out["state"])
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,33 @@ def test_sharded_run_matches_single_device(smoke_run, tmp_path):
   np.testing.assert_allclose([r["reward/mean"] for r in m8], [r["reward/mean"] for r in m1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                s8["params"], s1["params"])
+
+
+@pytest.mark.slow
+def test_lora_run_from_an_hf_checkpoint_keeps_only_adapters_and_exports_peft(tmp_path):
+  """The LoRA workflow: an HF checkpoint in (here: a briefly trained tiny policy, exported with
+  final_export=hf), adapters trained with GRPO and a KL to the adapters-off base, only adapters
+  checkpointed, PEFT adapters out."""
+  base = tmp_path / "base"
+  run_in(base, "--config.train.num_steps=50", "--config.train.eval_every=0",
+         "--config.train.export_every=0", "--config.train.final_export=hf", arg="")
+  hf_dir = base / "hf_export"
+  assert (hf_dir / "config.json").exists() and (hf_dir / "tokenizer_config.json").exists()
+  start = [json.loads(l)["reward/mean"] for l in open(base / "metrics.jsonl")][-5:]
+
+  lora = tmp_path / "lora"
+  run_in(lora, f"--config.model.path={hf_dir}", "--config.lora.rank=8",
+         "--config.optim.learning_rate=1e-2", "--config.train.num_steps=80",
+         "--config.train.eval_every=0", "--config.train.export_every=0",
+         "--config.train.final_export=peft", "--config.rl.kl_coef=0.01", arg="")
+  rewards = [json.loads(l)["reward/mean"] for l in open(lora / "metrics.jsonl")]
+  # Starts from the base policy (B = 0: same rewards as where the base run ended), trains without
+  # breaking it. (How fast a tiny random-init base learns with adapters only is not asserted: its
+  # frozen tied head caps the logits; see the LoRA issue's note.)
+  assert len(rewards) == 80 and np.mean(rewards[-10:]) >= np.mean(start) - 0.05
+  # Only adapters (and their optimizer state) are in the checkpoint: no base weights.
+  step, state = final_state(lora, None)
+  assert step == 80
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]]
+  assert names and all("lora" in n for n in names), names
+  assert (lora / "peft_export" / "adapter_model.safetensors").exists()
