@@ -258,3 +258,42 @@ def test_bad_arguments(tok, client):
 def test_row_bucket():
   assert [ss._row_bucket(a, 8, 1) for a in (8, 5, 4, 3, 2, 1)] == [8, 8, 4, 4, 2, 1]
   assert [ss._row_bucket(a, 6, 2) for a in (6, 5, 3, 1)] == [6, 6, 4, 2]
+
+
+def test_generator_stops_after_the_token_that_completes_a_stop_string(tok):
+  # The orchestrator cuts again, so this checks the generator's own contract directly.
+  graphdef, params, chain = _scripted(1.0)
+  ids, mask = _prompts(tok)
+  config = SearchRolloutConfig(max_turns=1, max_response_tokens=64, max_turn_tokens=24)
+  gen = ss.CacheTurnGenerator(graphdef, params, ids, mask, jax.random.key(0), group_size=1,
+                              tokenizer=tok, config=config, temperature=0.0,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  from grpo_jax.rollout.search_rollout import TurnRequest
+  out = gen(TurnRequest(rows=np.arange(4), keep=np.zeros(4, np.int64), forced_ids=[[]] * 4,
+                        max_new_tokens=np.array([24, 24, 5, 24]), stop_strings=sp.STOP_STRINGS,
+                        turn=0, is_last_turn=False))
+  texts = [tok.decode(t) for t in out.token_ids]
+  assert texts[0] == "<answer>pears</answer>"  # one-token stop, on device
+  assert texts[1] == "<think>think</think><search>apples</search>"  # spelled out, on the host
+  assert out.token_ids[2] == [_id(tok, "shells")] * 5  # its budget
+  assert out.token_ids[3] == [_id(tok, "stones"), tok.eos_token_id]
+  assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.token_ids]
+
+
+def test_eight_devices_equal_one_device(tok, client):
+  from grpo_jax import sharding as sharding_lib
+  from grpo_jax.models import shard_model
+  kw = dict(bias=0.5, rng=3, group_size=2, temperature=1.0, max_response_tokens=96,
+            max_obs_tokens=24)
+  one, config, (graphdef, params, ids, mask) = _run(tok, client, **kw)
+  mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded = nnx.state(shard_model(nnx.merge(graphdef, params), mesh))
+  eight = ss.search_generate(graphdef, sharded, ids, mask, jax.random.key(3), group_size=2,
+                             tokenizer=tok, retriever=client, config=config, temperature=1.0,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             mesh=mesh)
+  for field in ("tokens", "mask", "info_mask", "truncated"):
+    np.testing.assert_array_equal(np.asarray(getattr(eight, field)),
+                                  np.asarray(getattr(one, field)))
+  np.testing.assert_allclose(np.asarray(eight.logprobs), np.asarray(one.logprobs), atol=1e-5)
+  assert len(eight.tokens.sharding.device_set) == 8
