@@ -41,7 +41,7 @@ power of two, a multiple of the mesh's batch multiple, at most B*G), so once hal
 done each decode step costs half. Inside a chunk, rows that stopped early ride along at mask 0.
 
 Static shapes: the cache has S = P_b + R + F_max + C·ceil(T/C) slots (T = per-turn budget,
-F_max = bucketed observation cap + 1), enough for the worst turn after a compaction. Compiles:
+F_max = observation cap + 1), enough for the worst turn after a compaction. Compiles:
 prefill once per (B, P_b); `_compact`, `append` and `decode` once per row bucket (log2(B*G)) and
 observation width bucket; nothing depends on the data otherwise.
 
@@ -49,8 +49,8 @@ Counters (for the cost of the cache vs re-prefilling): `num_prefill_tokens` (B *
 run once), `num_append_tokens` (slots run by `append`, padding included), `num_decode_tokens`
 (rows x steps of the decode chunks, padding rows included), `num_append_real_tokens` (without
 padding) and `num_naive_prefill_tokens`: the real tokens a sampler without cache continuation
-would prefill, every active row's bucketed prompt (G copies) plus its whole response so far, at
-each turn. Observation widths are bucketed (and rows differ), so the padded append slots can be
+would prefill, every active row's prompt (G copies) plus its whole response so far, at each
+turn. Observation widths are bucketed (and rows differ), so the padded append slots can be
 well above the real count; both are reported.
 """
 
@@ -215,7 +215,7 @@ class CacheTurnGenerator:
 
     R = config.max_response_tokens
     obs_cap = R if config.max_obs_tokens is None else min(config.max_obs_tokens, R)
-    self.max_forced = sampling.bucket_length(obs_cap + 1, minimum=8)
+    self.max_forced = obs_cap + 1  # an observation and the re-fed token
     turn_budget = min(config.max_turn_tokens, R)
     self.max_decode = self.chunk * math.ceil(turn_budget / self.chunk)
     self.num_slots = self.prompt_len + R + self.max_forced + self.max_decode
@@ -248,7 +248,7 @@ class CacheTurnGenerator:
         raise ValueError(f"TurnRequest.keep: row {i} keeps {keep} tokens of a {len(self.responses[i])}"
                          f"-token response")
       del self.responses[i][keep:]
-      self.num_naive_prefill_tokens += self.prompt_len + keep + len(request.forced_ids[j])
+      self.num_naive_prefill_tokens += len(self.prompts[i]) + keep + len(request.forced_ids[j])
 
     if self.calls == 0:
       if rows != list(range(self.num_rows)) or any(request.keep) or any(request.forced_ids):
@@ -336,7 +336,9 @@ class CacheTurnGenerator:
       keep_count[j] = len(context) - 1
       forced[j] = [context[-1]] + [int(t) for t in request.forced_ids[j]]
     width = max(len(f) for f in forced)
-    F = sampling.bucket_length(width, minimum=8)
+    # Bucketed widths, capped at the largest possible one (obs cap + 1): a full-length
+    # observation, the common case with a token cap, then pays no bucket padding.
+    F = min(sampling.bucket_length(width, minimum=8), self.max_forced)
     if F > self.max_forced:  # the observation cap bounds it; a bug if hit
       raise RuntimeError(f"search sampler: {width} forced tokens exceed the {self.max_forced} "
                          "planned slots")
