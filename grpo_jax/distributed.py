@@ -151,3 +151,28 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
   jax.distributed.initialize(**config.initialize_kwargs())
   _initialized = True
   return True
+
+
+# What XLA's collectives and JAX's coordination service say when another process has gone.
+_PEER_LOST_MARKERS = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout",
+                      "tasks are unhealthy", "another task died", "Gloo", "NCCL")
+
+
+def peer_failure_message(exc: BaseException, *, process_index: int | None = None,
+                         process_count: int | None = None) -> str | None:
+  """One line for a failure caused by another process of the run dying; None for anything else.
+
+  `main` prints it instead of a traceback from deep inside a collective, so the survivor's log says
+  what happened and what to do.
+  """
+  process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
+  if process_count < 2 or not isinstance(exc, jax.errors.JaxRuntimeError):
+    return None
+  text = str(exc)
+  if not any(marker in text for marker in _PEER_LOST_MARKERS):
+    return None
+  cause = " ".join(text.split())[:300]
+  return (f"process {process_index} of {process_count}: another process of this run died or became "
+          f"unreachable (see its log); rerun the same command on every host to resume from the last "
+          f"checkpoint. Cause: {cause}")

@@ -288,3 +288,17 @@ def test_killed_process_makes_the_other_exit(runs, tmp_path):
   assert any(s in log0 for s in _PEER_GONE), _tail(logdir / "process_0.log")
   assert "process 0" in out and "process 1" in out, out  # the launcher names who failed
   print(f"survivor exited {waited:.1f} s after its peer was killed")
+
+
+def test_peer_failure_message_only_for_lost_peers():
+  lost = jax.errors.JaxRuntimeError(
+      "INTERNAL: Gloo all-reduce failed: [pair.cc:538] Read error [127.0.0.1]:1: Connection reset "
+      "by peer")
+  msg = distributed.peer_failure_message(lost, process_index=0, process_count=2)
+  assert msg.startswith("process 0 of 2: another process of this run died")
+  assert "Connection reset by peer" in msg and "\n" not in msg
+  assert distributed.peer_failure_message(lost, process_index=0, process_count=1) is None
+  other = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+  assert distributed.peer_failure_message(other, process_index=0, process_count=2) is None
+  assert distributed.peer_failure_message(ValueError("Gloo"), process_index=0,
+                                          process_count=2) is None
