@@ -60,6 +60,22 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """Search-R1 multi-turn rollouts (off unless `enabled`)."""
+  enabled: bool = False
+  url: str = ""
+  local_corpus: str = ""
+  topk: int = 3
+  max_turns: int = 2
+  max_turn_tokens: int = 64
+  max_obs_tokens: int = 128
+  max_doc_chars: int = 0
+  timeout_s: float = 30.0
+  max_retries: int = 3
+  backoff_s: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class RLConfig:
   """Advantage estimator and group filtering; the loss itself is a `losses.LossConfig`."""
   estimator: str = "grpo"
@@ -116,6 +132,7 @@ class RunConfig:
   train: TrainConfig
   mesh: MeshConfig
   lora: Any = None  # grpo_jax.models.lora.LoraConfig (rank 0 = full fine-tuning)
+  search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
   @property
   def rollout_batch(self) -> int:
@@ -166,7 +183,7 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
 
   c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   expected = {"seed", "model", "tokenizer", "data", "rewards", "rollout", "rl", "optim", "train", "mesh"}
-  optional = {"lora"}
+  optional = {"lora", "search"}
   for key in sorted(set(c) - expected - optional):
     raise _fail(key, f"unknown section (known: {', '.join(sorted(expected))})")
   for key in sorted(expected - set(c)):
@@ -273,12 +290,24 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
   if "target_modules" in lora_values:
     lora_values["target_modules"] = tuple(lora_values["target_modules"])
   lora = _section(LoraConfig, "lora", lora_values)
+  search = _section(SearchConfig, "search", dict(c.get("search") or {}))
+  if search.enabled:
+    if not search.url and not search.local_corpus:
+      raise _fail("search.url", "set the retriever's /retrieve URL, or search.local_corpus to "
+                                "serve a JSONL corpus with the built-in BM25 server")
+    if search.local_corpus and not os.path.isfile(search.local_corpus):
+      raise _fail("search.local_corpus", f"no such file {search.local_corpus!r} (a JSONL corpus "
+                                         f"of {{\"id\", \"contents\"}})")
+    if search.url and not search.url.startswith(("http://", "https://")):
+      raise _fail("search.url", f"expected an http(s) URL ending in /retrieve, got {search.url!r}")
+    for f in ("topk", "max_turns", "max_turn_tokens", "max_obs_tokens"):
+      _positive(f"search.{f}", getattr(search, f))
   if train.final_export == "peft" and not lora.enabled:
     raise _fail("train.final_export", "'peft' writes LoRA adapters: set lora.rank > 0 (or use 'hf')")
 
   run = RunConfig(seed=c["seed"], model=model, tokenizer=tokenizer, data=data_cfg,
                   rewards=tuple(parsed), rollout=rollout, rl=rl_cfg, optim=optim, train=train,
-                  mesh=mesh, lora=lora)
+                  mesh=mesh, lora=lora, search=search)
 
   # Cross-section divisibility, checked before anything compiles.
   if run.rollout_batch % run.minibatch:
@@ -298,6 +327,11 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
       raise _fail("train.microbatch_size",
                   f"the microbatch ({run.microbatch} responses) must be divisible by the mesh "
                   f"batch axes data*fsdp={batch_div}")
+    if train.eval_every and data_cfg.eval_split and (
+        data_cfg.batch_size * train.eval_pass_k) % batch_div:
+      raise _fail("train.eval_pass_k",
+                  f"data.batch_size*eval_pass_k = {data_cfg.batch_size * train.eval_pass_k} "
+                  f"samples must be divisible by the mesh batch axes data*fsdp={batch_div}")
     import jax
     if jax.process_count() > 1 and data_cfg.batch_size % batch_div:
       # Each process feeds its own prompts: they must split evenly over the batch axes.

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any
 
 import jax
 import numpy as np
 
 from grpo_jax import host
+from grpo_jax import sharding
 from grpo_jax.config import RunConfig
 
 
@@ -36,10 +38,12 @@ def evaluate(steps, params: Any, run: RunConfig, tokenizer, reward_fn, mesh, key
   batches = _eval_batches(run.data, tokenizer, run.train.eval_num_prompts,
                           jax.process_index(), jax.process_count())
   k = run.train.eval_pass_k
-  greedy = functools.partial(steps.generate.func, *steps.generate.args,
-                             **{**steps.generate.keywords, "group_size": 1, "temperature": 0.0})
-  sampled = functools.partial(steps.generate.func, *steps.generate.args,
-                              **{**steps.generate.keywords, "group_size": k})
+  # Greedy rows of a prompt are identical: sample the fewest copies the mesh can split and keep one.
+  multiple = sharding.batch_size_multiple(mesh)
+  copies = multiple // math.gcd(run.data.batch_size // jax.process_count() * jax.process_count(),
+                                multiple)
+  greedy = functools.partial(steps.sample, group_size=copies, temperature=0.0)
+  sampled = functools.partial(steps.sample, group_size=k)
   threshold = run.train.eval_success_reward
   greedy_rewards, greedy_correct, passk = [], [], []
   for i, batch in enumerate(batches):
@@ -48,13 +52,16 @@ def evaluate(steps, params: Any, run: RunConfig, tokenizer, reward_fn, mesh, key
     prompts = list(batch["prompt_text"])
 
     out = greedy(params, prompt_ids, prompt_mask, jax.random.fold_in(key, 2 * i))
-    texts = host.decode(tokenizer, host.to_host(out.tokens), host.to_host(out.mask))
+    texts = getattr(out, "texts", None) or host.decode(tokenizer, host.to_host(out.tokens),
+                                                       host.to_host(out.mask))
+    texts = list(texts)[::copies]
     r = np.asarray(reward_fn(prompts, texts, examples).total, np.float32)
     greedy_rewards.append(r)
     greedy_correct.append(r >= threshold)
 
     out = sampled(params, prompt_ids, prompt_mask, jax.random.fold_in(key, 2 * i + 1))
-    texts = host.decode(tokenizer, host.to_host(out.tokens), host.to_host(out.mask))
+    texts = getattr(out, "texts", None) or host.decode(tokenizer, host.to_host(out.tokens),
+                                                       host.to_host(out.mask))
     rep = lambda xs: [x for x in xs for _ in range(k)]
     r = np.asarray(reward_fn(rep(prompts), texts, rep(examples)).total, np.float32)
     passk.append((r.reshape(-1, k) >= threshold).any(axis=1))

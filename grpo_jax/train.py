@@ -210,6 +210,9 @@ class Steps:
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
         stop_token_ids=setup.stop_token_ids, pad_token_id=setup.tokenizer.pad_token_id,
         mesh=mesh, bucket=False)  # The data pipeline already pads prompts to length buckets.
+    self.search = None
+    if run.search.enabled:
+      self.search = SearchRollouts(setup)
     self.assemble = jax.jit(functools.partial(
         assemble_batch, group_size=r.group_size, num_groups=run.data.batch_size,
         estimator=run.rl.estimator, adv_eps=run.rl.adv_eps,
@@ -244,6 +247,51 @@ class Steps:
     self.finish_step = jax.jit(lambda s: s.replace(step=s.step + 1),
                                in_shardings=(setup.state_shardings,),
                                out_shardings=setup.state_shardings, donate_argnums=0)
+
+
+  def sample(self, policy_state, prompt_ids, prompt_mask, key, *, group_size=None,
+             temperature=None):
+    """G responses per prompt: single-turn, or Search-R1 multi-turn when search is enabled."""
+    overrides = {k: v for k, v in (("group_size", group_size), ("temperature", temperature))
+                 if v is not None}
+    if self.search is not None:
+      return self.search(policy_state, prompt_ids, prompt_mask, key, **overrides)
+    return self.generate(policy_state, prompt_ids, prompt_mask, key, **overrides)
+
+
+class SearchRollouts:
+  """Search-R1 rollouts on the KV-cache sampler, against a retriever (remote, or the built-in
+  BM25 server started on 127.0.0.1 for `search.local_corpus`)."""
+
+  def __init__(self, setup: Setup):
+    from grpo_jax.rollout import retriever_client, search_rollout
+    cfg, r = setup.run.search, setup.run.rollout
+    self.server = None
+    url = cfg.url
+    if cfg.local_corpus:
+      from grpo_jax import retriever
+      self.server = retriever.start_server(cfg.local_corpus, host="127.0.0.1", port=0,
+                                           topk=cfg.topk)
+      url = self.server.url
+    self.client = retriever_client.RetrieverClient(retriever_client.RetrieverConfig(
+        url=url, topk=cfg.topk, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+        backoff_s=cfg.backoff_s))
+    self.config = search_rollout.SearchRolloutConfig(
+        max_turns=cfg.max_turns, max_response_tokens=r.max_new_tokens,
+        max_turn_tokens=min(cfg.max_turn_tokens, r.max_new_tokens),
+        max_obs_tokens=cfg.max_obs_tokens, max_doc_chars=cfg.max_doc_chars or None, topk=cfg.topk)
+    self.setup = setup
+
+  def __call__(self, policy_state, prompt_ids, prompt_mask, key, **overrides):
+    from grpo_jax.rollout import search_sampler
+    setup, r = self.setup, self.setup.run.rollout
+    kwargs = dict(group_size=r.group_size, temperature=r.temperature, top_k=r.top_k,
+                  top_p=r.top_p)
+    kwargs.update(overrides)
+    return search_sampler.search_generate(
+        setup.graphdef, policy_state, prompt_ids, prompt_mask, key, tokenizer=setup.tokenizer,
+        retriever=self.client, config=self.config, eos_token_id=setup.tokenizer.eos_token_id,
+        pad_token_id=setup.tokenizer.pad_token_id, mesh=setup.mesh, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,14 +403,14 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
         sample_key, _ = jax.random.split(step_key)
 
         # 1. Rollout: G responses per prompt, prompt prefilled once.
-        out = steps.generate(setup.policy_state(state.params), prompt_ids, prompt_mask, sample_key)
+        out = steps.sample(setup.policy_state(state.params), prompt_ids, prompt_mask, sample_key)
         completions_h = host.to_host(out.tokens)
         cmask_h = host.to_host(out.mask)
         t_rollout = time.perf_counter()
 
         # 2. Rewards on the host that holds the text.
         g = run.rollout.group_size
-        texts = host.decode(tokenizer, completions_h, cmask_h)
+        texts = getattr(out, "texts", None) or host.decode(tokenizer, completions_h, cmask_h)
         prompts_rep = [p for p in batch["prompt_text"] for _ in range(g)]
         examples_rep = [host.example(batch, i) for i in range(len(batch["prompt_text"])) for _ in range(g)]
         rw = reward_fn(prompts_rep, texts, examples_rep)
@@ -431,6 +479,8 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
             "throughput/tokens_per_s": float(lengths_h.sum()) * jax.process_count()
                                        / max(t_update - t0, 1e-9),
             "optim/learning_rate": float(lr),
+          **{k if k.startswith("search/") else f"search/{k}": float(v)
+             for k, v in (getattr(out, "metrics", None) or {}).items()},
         })
         writer.advance()
 
@@ -440,7 +490,8 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
           export_lib.write_step(
               workdir, step + 1, tokenizer=tokenizer, run=run, texts=texts, rewards=rewards,
               components=comps, train_batch=train_batch, gstats=gstats, truncated=out.truncated,
-              old_logp=old_for_export, new_logp=new_logp, info_mask=info_mask)
+              old_logp=old_for_export, new_logp=new_logp, info_mask=info_mask,
+              retrieved=_retrieved_text(out))
         if run.train.eval_every and (step + 1) % run.train.eval_every == 0 and run.data.eval_split:
           eval_metrics = evaluation.evaluate(steps, setup.policy_state(state.params), run,
                                              tokenizer, reward_fn,
@@ -465,6 +516,8 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
       last = _flush(writer, pending)
   finally:
     stop.restore()
+    if steps.search is not None and steps.search.server is not None:
+      steps.search.server.close()
     checkpointer.close()
     writer.close()
     if data_log is not None:
@@ -518,6 +571,14 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _retrieved_text(out) -> list[str] | None:
+  """Per response, the retrieved (loss-masked) text of a search rollout; None otherwise."""
+  segments = getattr(out, "segments", None)
+  if segments is None:
+    return None
+  return ["".join(text for text, retrieved in row if retrieved) for row in segments]
+
+
 def _flush(writer: metrics_lib.MetricsWriter, pending) -> dict[str, float]:
   step, roll, upd, host = pending
   out = {k: float(v) for k, v in jax.device_get(roll).items()}
@@ -541,12 +602,16 @@ def main(argv) -> None:
     sys.exit("error: --workdir: required (where checkpoints, metrics and exports go)")
   from grpo_jax import distributed
   distributed.initialize()
+  from grpo_jax.rewards import RewardError
+  from grpo_jax.rollout.retriever_client import RetrieverError
   try:
     run_config = resolve(flags.FLAGS.config, num_devices=jax.device_count())
     preflight(run_config, flags.FLAGS.workdir)
     run(run_config, flags.FLAGS.workdir)
   except ConfigError as e:
     sys.exit(f"error: {e}")
+  except (RewardError, RetrieverError) as e:  # The finished steps are checkpointed by `run`.
+    sys.exit(f"error: {str(e).splitlines()[0]}")
 
 
 def define_flags() -> None:
