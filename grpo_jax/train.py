@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
@@ -394,9 +395,11 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
       updating = False
       try:
         batch = next(data_iter)
+        seen = np.asarray(batch["index"])
+        if jax.process_count() > 1:  # Every host's slice, in global-batch order (all hosts call it).
+          seen = np.asarray(multihost_utils.process_allgather(seen, tiled=True))
         if data_log is not None:  # Which examples each step trained on: audits and resume tests.
-          data_log.write(json.dumps({"step": step + 1,
-                                     "index": np.asarray(batch["index"]).tolist()}) + "\n")
+          data_log.write(json.dumps({"step": step + 1, "index": seen.tolist()}) + "\n")
           data_log.flush()
         prompt_ids, prompt_mask = host.to_global((batch["prompt_ids"], batch["prompt_mask"]), mesh)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
@@ -498,13 +501,18 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
                                              mesh, step_key)
           if pending is not None:
             pending[3].update(eval_metrics)
+        if jax.process_count() > 1:  # SIGTERM may reach hosts in different steps: stop together.
+          stop.requested = bool(np.max(multihost_utils.process_allgather(
+              np.int32(stop.requested))))
         if (checkpointer.should_save(step + 1) or step + 1 == end or stop.requested):
           if pending is not None:  # Every step a checkpoint holds has its metrics written.
             last, pending = _flush(writer, pending), None
           checkpointer.save(step + 1, state, data_iter.get_state(), run)
           saved = step + 1
       except BaseException:
-        if not updating and step > saved:
+        # With several processes the others are not in this handler: a save (a collective) would
+        # wait for them; the last periodic checkpoint stands.
+        if not updating and step > saved and jax.process_count() == 1:
           logging.error("step %d failed: saving the %d finished steps before re-raising", step + 1,
                         step)
           checkpointer.save(step, state, data_state_before, run)
@@ -612,6 +620,12 @@ def main(argv) -> None:
     sys.exit(f"error: {e}")
   except (RewardError, RetrieverError) as e:  # The finished steps are checkpointed by `run`.
     sys.exit(f"error: {str(e).splitlines()[0]}")
+  except jax.errors.JaxRuntimeError as e:
+    msg = distributed.peer_failure_message(e)
+    if msg is None:
+      raise
+    logging.error("%s", msg)
+    sys.exit(f"error: {msg}")
 
 
 def define_flags() -> None:

@@ -217,8 +217,6 @@ def test_only_process_zero_writes_logs_and_exports(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py logs only process 0's slice in data_seen.jsonl "
-                   "(needs a process_allgather of batch['index']; see the multi-host report)")
 def test_data_seen_lists_every_host_examples(runs):
   seen22 = read_jsonl(runs["2x2"] / "data_seen.jsonl")
   seen14 = read_jsonl(runs["1x4"] / "data_seen.jsonl")
