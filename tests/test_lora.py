@@ -17,7 +17,7 @@ from grpo_jax.models import (Decoder, LoraConfig, LoraParam, add_lora, has_lora,
                              init_cache, init_sharded, merge_lora, shard_model,
                              trainable, without_lora)
 from grpo_jax.models.lora import TARGETS
-from grpo_jax.testing.models import tiny_config
+from grpo_jax.testing.models import decode_token_by_token, tiny_config
 
 LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("all-linear",))
 
@@ -192,21 +192,7 @@ def test_dropout_needs_a_key_and_is_deterministic_per_key(pair):
   np.testing.assert_array_equal(np.asarray(_logits(adapted, ids, mask, jax.random.key(1))), no_key)
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _decode_all(model, ids_BxT, mask_BxT, prompt_len):
-  B, T = ids_BxT.shape
-  cache = init_cache(model.config, B, T + 2)
-  logits_pre, cache = model(ids_BxT[:, :prompt_len], attention_mask=mask_BxT[:, :prompt_len],
-                            cache=cache, cache_index=0)
-
-  def step(cache, t):
-    tok = jax.lax.dynamic_slice_in_dim(ids_BxT, t, 1, axis=1)
-    m = jax.lax.dynamic_slice_in_dim(mask_BxT, t, 1, axis=1)
-    logits, cache = model(tok, attention_mask=m, cache=cache, cache_index=t)
-    return cache, logits[:, 0]
-
-  _, logits_dec = jax.lax.scan(step, cache, jnp.arange(prompt_len, T))
-  return jnp.concatenate([logits_pre, logits_dec.transpose(1, 0, 2)], axis=1)
+_decode_all = decode_token_by_token
 
 
 def test_cached_decode_with_adapters_equals_full_forward(pair):

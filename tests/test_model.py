@@ -1,7 +1,6 @@
 """Decoder invariants: cached = uncached, sharded = one device, chunked log-probs = reference."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ from grpo_jax import sharding
 from grpo_jax.models import (Decoder, ModelConfig, config_from_hf, config_to_hf, init_cache,
                              init_sharded, logical_axes_tree, repeat_cache, shard_model,
                              token_logprobs, token_logprobs_and_entropy)
-from grpo_jax.testing.models import tiny_config
+from grpo_jax.testing.models import decode_token_by_token, tiny_config
 
 
 def _left_padded(B=3, T=12, V=96, seed=0):
@@ -30,22 +29,7 @@ def models():
           for name in ("qwen2", "qwen3", "llama3")}
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _decode_all(model, ids_BxT, mask_BxT, prompt_len):
-  """Prefill `prompt_len` tokens at slot 0, then feed the rest one token per call."""
-  B, T = ids_BxT.shape
-  cache = init_cache(model.config, B, T + 3)
-  logits_pre, cache = model(ids_BxT[:, :prompt_len], attention_mask=mask_BxT[:, :prompt_len],
-                            cache=cache, cache_index=0)
-
-  def step(cache, t):
-    tok = jax.lax.dynamic_slice_in_dim(ids_BxT, t, 1, axis=1)
-    m = jax.lax.dynamic_slice_in_dim(mask_BxT, t, 1, axis=1)
-    logits, cache = model(tok, attention_mask=m, cache=cache, cache_index=t)
-    return cache, logits[:, 0]
-
-  _, logits_dec = jax.lax.scan(step, cache, jnp.arange(prompt_len, T))
-  return jnp.concatenate([logits_pre, logits_dec.transpose(1, 0, 2)], axis=1)
+_decode_all = decode_token_by_token
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama3"])

@@ -7,9 +7,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from grpo_jax.models.config import ModelConfig, config_to_hf
+from grpo_jax.models.decoder import init_cache
 
 _BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=256)
@@ -66,3 +71,22 @@ def tiny_hf_model(config: ModelConfig, seed: int = 0, scale: float = 0.1):
         p.copy_(scale * torch.randn_like(p))
   model.eval()
   return model
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def decode_token_by_token(model, ids_BxT, mask_BxT, prompt_len):
+  """Logits [B, T, V] of a cached run: prefill `prompt_len` tokens at slot 0, then feed the rest
+  one token per call. Tests compare it with the full (uncached) forward."""
+  B, T = ids_BxT.shape
+  cache = init_cache(model.config, B, T + 2)
+  logits_pre, cache = model(ids_BxT[:, :prompt_len], attention_mask=mask_BxT[:, :prompt_len],
+                            cache=cache, cache_index=0)
+
+  def step(cache, t):
+    tok = jax.lax.dynamic_slice_in_dim(ids_BxT, t, 1, axis=1)
+    m = jax.lax.dynamic_slice_in_dim(mask_BxT, t, 1, axis=1)
+    logits, cache = model(tok, attention_mask=m, cache=cache, cache_index=t)
+    return cache, logits[:, 0]
+
+  _, logits_dec = jax.lax.scan(step, cache, jnp.arange(prompt_len, T))
+  return jnp.concatenate([logits_pre, logits_dec.transpose(1, 0, 2)], axis=1)
