@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.drop_over_long = True  # drop (and count) over-long prompts; False = refuse the data.
 
   # --- rewards -------------------------------------------------------------------------------
-  c.rewards = [("digits", 1.0, {})]  # (name or "pkg.module:fn", weight, kwargs) summed.
+  # A tuple, so the command line can set it: --config.rewards="(('numeric', 1.0, {}),)"
+  c.rewards = (("digits", 1.0, {}),)  # (name or "pkg.module:fn", weight, kwargs), summed.
 
   # --- rollout ------------------------------------------------------------------------------
   c.rollout = ml_collections.ConfigDict()
@@ -116,6 +117,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # scale alpha / r of the adapter update.
   c.lora.dropout = 0.0  # dropout on the adapter input (probability).
   c.lora.target_modules = ("all-linear",)  # projections to adapt (regexes, e.g. "q_proj").
+  # A frozen tied head caps how peaked a small policy can get; training the final norm (hidden_size
+  # numbers) next to the adapters lifts the cap (BENCHMARKS.md, "LoRA learning").
+  c.lora.modules_to_save = ()  # norms trained whole (PEFT modules_to_save): final_norm, attn_norm, mlp_norm (+ q_norm, k_norm on Qwen3).
 
   # --- device mesh --------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

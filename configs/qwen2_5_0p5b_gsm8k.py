@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
   c.data.length_buckets = (128, 256, 512)  # tokens.
   c.data.batch_size = 64  # prompts per step.
 
-  c.rewards = [("numeric", 1.0, {}), ("format", 0.1, {"tags": ("####",)})]
+  c.rewards = (("numeric", 1.0, {}), ("format", 0.1, {"tags": ("####",)}))
 
   c.rollout.group_size = 8  # G.
   c.rollout.max_new_tokens = 512  # response budget (tokens).

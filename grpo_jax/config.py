@@ -10,6 +10,7 @@ Library code never receives the ConfigDict, only the dataclass it needs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -287,9 +288,20 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
   mesh = _section(MeshConfig, "mesh", c["mesh"])
   from grpo_jax.models.lora import LoraConfig
   lora_values = dict(c.get("lora") or {})
-  if "target_modules" in lora_values:
-    lora_values["target_modules"] = tuple(lora_values["target_modules"])
+  for f in ("target_modules", "modules_to_save"):
+    if isinstance(lora_values.get(f), list):
+      lora_values[f] = tuple(lora_values[f])
   lora = _section(LoraConfig, "lora", lora_values)
+  qk_saved = [n for n in lora.saved if n in ("q_norm", "k_norm")] if lora.enabled else []
+  if qk_saved:
+    has_qk = False  # The tiny model has no per-head q/k norms.
+    if not model.is_tiny:
+      from grpo_jax.models.config import config_from_hf
+      with open(os.path.join(model.path, "config.json")) as f:
+        has_qk = config_from_hf(json.load(f)).qk_norm
+    if not has_qk:
+      raise _fail("lora.modules_to_save", f"this model has no {qk_saved[0]} (per-head q/k norms "
+                                          f"exist only in Qwen3-style models)")
   search = _section(SearchConfig, "search", dict(c.get("search") or {}))
   if search.enabled:
     if not search.url and not search.local_corpus:

@@ -16,9 +16,12 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 def load(path: str, *overrides: str):
+  argv = ["prog", f"--config={path}", *overrides]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-  fv(["prog", f"--config={path}", *overrides])
+  # config_flags finds the --config.<field> overrides in `sys_argv` (sys.argv by default).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
   return fv.config
 
 
@@ -48,6 +51,23 @@ def resolve_without_files(config):
     raise
 
 
+def test_lora_modules_to_save_checked_against_the_model():
+  config = load(os.path.join(ROOT, "configs/default.py"), "--config.lora.rank=4",
+                "--config.lora.modules_to_save=('final_norm', 'mlp_norm')")
+  assert resolve(config, num_devices=1).lora.saved == ("final_norm", "mlp_norm")
+  config = load(os.path.join(ROOT, "configs/default.py"), "--config.lora.rank=4",
+                "--config.lora.modules_to_save=('q_norm',)")
+  with pytest.raises(ConfigError, match="config.lora.modules_to_save: this model has no q_norm"):
+    resolve(config, num_devices=1)
+
+
+def test_rewards_can_be_set_on_the_command_line():
+  config = load(os.path.join(ROOT, "configs/default.py"),
+                "--config.rewards=(('digits', 0.5, {}), ('format', 0.1, {'tags': ('####',)}))")
+  run = resolve(config, num_devices=1)
+  assert [(name, weight) for name, weight, _ in run.rewards] == [("digits", 0.5), ("format", 0.1)]
+
+
 def test_default_resolves_with_the_mesh():
   run = resolve(load(os.path.join(ROOT, "configs/default.py")), num_devices=8)
   assert run.rollout_batch == run.data.batch_size * run.rollout.group_size
@@ -68,6 +88,9 @@ BAD = [
     ("--config.rollout.top_p=1.5", "config.rollout.top_p"),
     ("--config.optim.decay=exponential", "config.optim.decay"),
     ("--config.rl.agg_mode=token-sum", "agg_mode"),
+    ("--config.lora.modules_to_save=('embed',)", "config.lora.modules_to_save: 'embed' matches no"),
+    ("--config.lora.rank=-2", "config.lora.rank"),
+    ("--config.rewards=(('nonexistent_reward', 1.0, {}),)", "nonexistent_reward"),
 ]
 
 

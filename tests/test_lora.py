@@ -86,6 +86,12 @@ def test_config_targets_and_validation():
   assert LoraConfig(rank=16, alpha=32).scale == 2.0
   assert LoraConfig(rank=16, alpha=32, use_rslora=True).scale == 8.0
   assert not LoraConfig().enabled and not LoraConfig(rank=0).enabled
+  assert LoraConfig(rank=4).saved == ()
+  assert LoraConfig(rank=4, modules_to_save="final_norm").modules_to_save == ("final_norm",)
+  assert LoraConfig(rank=4, modules_to_save=["model.norm", "post_attention_layernorm"]).saved == (
+      "final_norm", "mlp_norm")
+  assert LoraConfig(rank=4, modules_to_save=(".*norm",)).saved == (
+      "final_norm", "attn_norm", "mlp_norm", "q_norm", "k_norm")
   hash(LORA)  # a static attribute of the model graph
   for kwargs, msg in [
       (dict(rank=-1), "LoraConfig.rank: expected an int >= 0"),
@@ -96,6 +102,9 @@ def test_config_targets_and_validation():
       (dict(rank=4, target_modules=("q_proj(",)), "not a valid regex"),
       (dict(rank=4, target_modules=()), "LoraConfig.target_modules: expected a non-empty"),
       (dict(rank=4, init="zeros"), "LoraConfig.init"),
+      (dict(rank=4, modules_to_save=("embed",)), "'embed' matches no trainable module"),
+      (dict(rank=4, modules_to_save=("lm_head",)), "embeddings and the LM head are not supported"),
+      (dict(rank=4, modules_to_save=(3,)), "LoraConfig.modules_to_save: expected a tuple"),
   ]:
     with pytest.raises(ValueError, match=msg):
       LoraConfig(**kwargs)
@@ -190,6 +199,64 @@ def test_dropout_needs_a_key_and_is_deterministic_per_key(pair):
   assert np.abs(k1 - no_key).max() > 1e-3 and np.abs(k1 - k2).max() > 1e-3
   # dropout = 0 ignores the key.
   np.testing.assert_array_equal(np.asarray(_logits(adapted, ids, mask, jax.random.key(1))), no_key)
+
+
+SAVING = LoraConfig(rank=4, alpha=8.0, modules_to_save=("final_norm", "attn_norm", "q_norm"))
+
+
+def test_modules_to_save_are_trained_copies_and_the_reference_keeps_the_originals():
+  """A copy of each saved norm starts equal to the base (so logits are exactly the base's), is
+  what the adapted forward uses, receives the gradient; the base with adapters off (the reference
+  policy) and the frozen state keep the originals."""
+  cfg = tiny_config("qwen3")
+  ids, mask = _batch()
+  plain = Decoder(cfg, rngs=nnx.Rngs(7))
+  model = Decoder(cfg, rngs=nnx.Rngs(7), lora=SAVING)
+  base = np.asarray(_logits(plain, ids, mask))
+  np.testing.assert_array_equal(np.asarray(_logits(model, ids, mask)), base)
+  assert sorted(model.lora.saved_arrays()) == ["attn_norm", "final_norm", "q_norm"]
+  np.testing.assert_array_equal(np.asarray(model.lora.attn_norm[...]),
+                                np.asarray(model.layers.attn_norm[...]))
+  graphdef, trained, frozen = nnx.split(model, trainable(model), ...)
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(trained))[0]]
+  assert "['lora']['final_norm']" in names and "['lora']['q_norm']" in names
+  assert not any("mlp_norm" in n or "k_norm" in n for n in names)
+
+  def loss(trained):
+    logits = nnx.merge(graphdef, trained, frozen)(ids, attention_mask=mask)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * mask)
+
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(trained))["lora"]
+  assert np.abs(np.asarray(grads["final_norm"])).max() > 1e-4
+  assert np.abs(np.asarray(grads["attn_norm"])).max() > 1e-4
+  # Training moves the copies only: the forward follows them, the reference does not.
+  model.lora.final_norm[...] = model.lora.final_norm[...] * 3.0
+  model.lora.attn_norm[...] = model.lora.attn_norm[...] + 0.5
+  moved = np.asarray(_logits(model, ids, mask))
+  assert np.abs(moved - base).max() > 1e-2
+  np.testing.assert_array_equal(np.asarray(_logits(model, ids, mask, use_lora=False)), base)
+  np.testing.assert_array_equal(np.asarray(_logits(without_lora(model), ids, mask)), base)
+  # merge_lora writes the copies into the plain model it returns.
+  merged = merge_lora(model)
+  np.testing.assert_array_equal(np.asarray(merged.final_norm[...]),
+                                np.asarray(model.lora.final_norm[...]))
+  np.testing.assert_allclose(np.asarray(_logits(merged, ids, mask)), moved, atol=1e-5)
+  # Checking a model without per-head q/k norms: the error names the module.
+  with pytest.raises(ValueError, match="lora.modules_to_save: this model has no 'q_norm'"):
+    Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(0), lora=SAVING)
+
+
+def test_modules_to_save_born_sharded_like_their_base():
+  cfg = tiny_config("qwen3")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  born = init_sharded(cfg, mesh, seed=2, lora=SAVING)
+  for name, owner in (("final_norm", born), ("attn_norm", born.layers), ("q_norm", born.layers)):
+    assert getattr(born.lora, name)[...].sharding == getattr(owner, name)[...].sharding, name
+  plain = shard_model(Decoder(cfg, rngs=nnx.Rngs(2)), mesh)
+  added = add_lora(plain, SAVING, seed=4, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(added.lora.q_norm[...]),
+                                np.asarray(added.layers.q_norm[...]))
 
 
 _decode_all = decode_token_by_token
@@ -316,6 +383,7 @@ needs_torch = pytest.mark.skipif(peft is None, reason="needs torch, transformers
 
 from grpo_jax.models import (from_pretrained, load_peft_adapters, save_peft_adapters,  # noqa: E402
                              save_pretrained)
+from grpo_jax.models.hf import read_hf_config  # noqa: E402
 from grpo_jax.testing.models import tiny_hf_model  # noqa: E402
 
 
@@ -357,18 +425,28 @@ def test_merged_hf_export_equals_transformers(hf_base, tmp_path):
 @needs_torch
 def test_peft_export_loads_in_peft_and_matches(hf_base, tmp_path):
   folder, load = hf_base
-  lora = LoraConfig(rank=4, alpha=12.0, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
+  qk = read_hf_config(folder)["model_type"] == "qwen3"
+  lora = LoraConfig(rank=4, alpha=12.0, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
+                    modules_to_save=("final_norm", "mlp_norm") + (("k_norm",) if qk else ()))
   model = _randomize(from_pretrained(folder, lora=lora), seed=6)
   ids, mask = _batch(T=20)
   ours = _logits(model, ids, mask)
   save_peft_adapters(model, tmp_path / "peft", base_model_name_or_path=folder)
   cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
   assert cfg["base_model_name_or_path"] == folder and cfg["r"] == 4
+  assert cfg["modules_to_save"] == ["model.norm", "post_attention_layernorm"] + (
+      ["self_attn.k_norm"] if qk else [])
   peft_model = peft.PeftModel.from_pretrained(load(), tmp_path / "peft")
   peft_model.eval()
   # Every adapter tensor was consumed: PEFT would keep its own random A / zero B otherwise.
   n_lora = sum(1 for k in peft_model.state_dict() if "lora_" in k)
   assert n_lora == 2 * 4 * model.config.num_layers
+  saved_sd = {k: v.numpy() for k, v in peft_model.state_dict().items()
+              if "modules_to_save.default" in k}
+  assert len(saved_sd) == 1 + model.config.num_layers * (2 if qk else 1)
+  np.testing.assert_array_equal(
+      saved_sd["base_model.model.model.norm.modules_to_save.default.weight"],
+      np.asarray(model.lora.final_norm[...]))
   assert _max_diff(ours, _torch_logits(peft_model, ids, mask), mask) <= 1e-4
   # PEFT's own merge equals ours, weight by weight.
   merged_sd = {k: v.numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
@@ -378,6 +456,7 @@ def test_peft_export_loads_in_peft_and_matches(hf_base, tmp_path):
   # And back: load_peft_adapters gives the adapters we wrote, bit for bit.
   again = load_peft_adapters(from_pretrained(folder), tmp_path / "peft")
   assert again.lora_config.targets == lora.targets
+  assert again.lora_config.saved == lora.saved
   for a, b in zip(jax.tree.leaves(nnx.state(again, LoraParam)),
                   jax.tree.leaves(nnx.state(model, LoraParam))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -389,14 +468,20 @@ def test_adapters_written_by_peft_load_into_ours(hf_base, tmp_path):
   folder, load = hf_base
   torch.manual_seed(0)
   config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "gate_proj", "up_proj"],
-                           init_lora_weights=False, task_type="CAUSAL_LM", use_rslora=True)
+                           init_lora_weights=False, task_type="CAUSAL_LM", use_rslora=True,
+                           modules_to_save=["model.norm", "input_layernorm"])
   peft_model = peft.get_peft_model(load(), config)
+  with torch.no_grad():  # trained copies differ from the base norms they shadow
+    for name, p in peft_model.named_parameters():
+      if "modules_to_save" in name:
+        p.add_(0.3 * torch.randn_like(p))
   peft_model.eval()
   peft_model.save_pretrained(tmp_path / "theirs")
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=4))
   model = load_peft_adapters(from_pretrained(folder, mesh=mesh), tmp_path / "theirs", mesh=mesh)
   assert model.lora_config.targets == ("k_proj", "gate_proj", "up_proj")
   assert model.lora_config.use_rslora and model.lora_config.rank == 3
+  assert model.lora_config.saved == ("final_norm", "attn_norm")
   _assert_consistent_subset(model)
   ids, mask = _batch(T=20)
   ours = jax.jit(lambda m, i, k: m(i, attention_mask=k))(model, ids, mask)
@@ -427,6 +512,12 @@ def test_peft_folder_errors(hf_base, tmp_path):
     load_peft_adapters(from_pretrained(folder), tmp_path / "p")
   json.dump({**cfg, "r": 5}, open(cfg_file, "w"))
   with pytest.raises(ValueError, match=r"lora_A.weight' has shape \(4, 32\), expected \(5, 32\)"):
+    load_peft_adapters(from_pretrained(folder), tmp_path / "p")
+  json.dump({**cfg, "modules_to_save": ["embed_tokens"]}, open(cfg_file, "w"))
+  with pytest.raises(ValueError, match="modules_to_save 'embed_tokens' is not supported"):
+    load_peft_adapters(from_pretrained(folder), tmp_path / "p")
+  json.dump({**cfg, "modules_to_save": ["model.norm"]}, open(cfg_file, "w"))
+  with pytest.raises(KeyError, match="model.norm.weight' \\(modules_to_save\\) is missing"):
     load_peft_adapters(from_pretrained(folder), tmp_path / "p")
   os.remove(tmp_path / "p" / "adapter_model.safetensors")
   with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):

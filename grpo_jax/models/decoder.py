@@ -387,19 +387,26 @@ class Decoder(nnx.Module):
     if not config.tie_word_embeddings:
       self.lm_head = _param(rngs, (E, V), pd, ("embed", "vocab"), "normal")
     if lora is not None and lora.enabled:
-      self.lora = lora_lib.LoraAdapters(lora, lora_lib.base_specs(self.layers), rngs=rngs)
+      self.lora = lora_lib.LoraAdapters(lora, lora_lib.base_specs(self.layers), rngs=rngs,
+                                        saved=lora_lib.saved_sources(self, lora))
       self.lora_config = lora
 
   def arrays(self, use_lora: bool = True) -> dict[str, Any]:
     """The parameters as plain arrays in the layout `decoder_hidden` takes.
 
-    With adapters (and `use_lora`), also "lora": {projection: {"a", "b"}}.
+    With adapters (and `use_lora`), also "lora": {projection: {"a", "b"}}, and the trained
+    copies of `modules_to_save` parameters in place of the base ones (in the base's dtype).
     """
     layers = {n: getattr(self.layers, n)[...] for n in LAYER_PARAM_NAMES
               if hasattr(self.layers, n)}
     out = {"embed": self.embed[...], "final_norm": self.final_norm[...], "layers": layers}
     if use_lora and lora_lib.has_lora(self):
       out["lora"] = self.lora.arrays()
+      for name, value in self.lora.saved_arrays().items():
+        if name == "final_norm":
+          out[name] = value.astype(out[name].dtype)
+        else:
+          layers[name] = value.astype(layers[name].dtype)
     return out
 
   def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,

@@ -323,11 +323,20 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *,
 _PEFT_KEY = "base_model.model.model.layers.{i}.{module}.lora_{ab}.weight"
 
 
+def _peft_saved_key(name: str, layer: int | None = None) -> str:
+  """PEFT's key of a `modules_to_save` weight (saved without its `modules_to_save.default` part)."""
+  module, per_layer = lora_lib.SAVABLE[name]
+  if per_layer:
+    return f"base_model.model.model.layers.{layer}.{module}.weight"
+  return f"base_model.model.{module}.weight"
+
+
 def peft_tensors(model: Decoder) -> dict[str, np.ndarray]:
   """The adapters under PEFT's key names: lora_A.weight [r, in], lora_B.weight [out, r] per layer.
 
   Our A [L, *in, r] / B [L, r, *out] flatten their in / out axes in HF's order (see `_LAYER`:
-  heads outer, head_dim inner), so they line up with the HF weight they adapt.
+  heads outer, head_dim inner), so they line up with the HF weight they adapt. Trained copies of
+  `modules_to_save` norms go under PEFT's keys for them (e.g. base_model.model.model.norm.weight).
   """
   if not lora_lib.has_lora(model):
     raise ValueError("model: has no LoRA adapters to export")
@@ -341,6 +350,13 @@ def peft_tensors(model: Decoder) -> dict[str, np.ndarray]:
           a[i].reshape(-1, r).T)
       out[_PEFT_KEY.format(i=i, module=module, ab="B")] = np.ascontiguousarray(
           b[i].reshape(r, -1).T)
+  for name, value in model.lora.saved_arrays().items():
+    value = np.asarray(jax.device_get(value), np.float32)
+    if lora_lib.SAVABLE[name][1]:
+      for i in range(value.shape[0]):
+        out[_peft_saved_key(name, i)] = np.ascontiguousarray(value[i])
+    else:
+      out[_peft_saved_key(name)] = value
   return out
 
 
@@ -377,7 +393,8 @@ def save_peft_adapters(model: Decoder, path: str | os.PathLike, *,
       "fan_in_fan_out": False,
       "inference_mode": True,
       "init_lora_weights": True,
-      "modules_to_save": None,
+      # Full module paths: PEFT matches `key == name or key.endswith("." + name)`.
+      "modules_to_save": [lora_lib.SAVABLE[n][0] for n in lora.saved] or None,
       "layers_to_transform": None,
       "use_dora": False,
   }
@@ -393,7 +410,8 @@ def load_peft_adapters(model: Decoder, path: str | os.PathLike, *, mesh: Mesh | 
 
   Supports what `save_peft_adapters` writes and what PEFT writes for plain LoRA on the seven
   projections of every layer (no DoRA, no per-layer ranks, no bias training, no
-  layers_to_transform). The adapted projections are read from the tensors present.
+  layers_to_transform), with `modules_to_save` limited to the norms of `lora.SAVABLE`. The
+  adapted projections are read from the tensors present.
   """
   from safetensors.numpy import load_file
 
@@ -425,9 +443,18 @@ def load_peft_adapters(model: Decoder, path: str | os.PathLike, *, mesh: Mesh | 
   if not targets:
     example = _PEFT_KEY.format(i=0, module="self_attn.q_proj", ab="A")
     raise ValueError(f"{weights}: no LoRA tensors named like {example!r}")
+  saved = []
+  for module in cfg.get("modules_to_save") or ():
+    names = [n for n, (hf_name, _) in lora_lib.SAVABLE.items()
+             if hf_name == module or hf_name.endswith("." + module) or n == module]
+    if not names:
+      raise ValueError(f"{cfg_file}: modules_to_save {module!r} is not supported (supported: "
+                       f"{', '.join(hf for hf, _ in lora_lib.SAVABLE.values())})")
+    saved.extend(names)
   lora = lora_lib.LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                              dropout=float(cfg.get("lora_dropout") or 0.0),
-                             target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+                             target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)),
+                             modules_to_save=tuple(dict.fromkeys(saved)))
   lora_lib.add_lora(model, lora, mesh=mesh, rules=rules)
   num_layers, r = model.config.num_layers, lora.rank
   for name in targets:
@@ -451,4 +478,24 @@ def load_peft_adapters(model: Decoder, path: str | os.PathLike, *, mesh: Mesh | 
       if isinstance(getattr(old, "sharding", None), jax.sharding.NamedSharding):
         value = jax.device_put(value, old.sharding)
       var[...] = value
+  for name in lora.saved:
+    var = getattr(model.lora, name)
+    shape = tuple(var.get_value().shape)
+    if lora_lib.SAVABLE[name][1]:
+      keys = [_peft_saved_key(name, i) for i in range(num_layers)]
+    else:
+      keys = [_peft_saved_key(name)]
+    for key in keys:
+      if key not in tensors:
+        raise KeyError(f"{weights}: tensor {key!r} (modules_to_save) is missing")
+    parts = [np.asarray(tensors[k], np.float32) for k in keys]
+    value = np.stack(parts) if lora_lib.SAVABLE[name][1] else parts[0]
+    if value.shape != shape:
+      raise ValueError(f"{weights}: {keys[0]!r} and the rest give shape {value.shape}, "
+                       f"expected {shape}")
+    value = jnp.asarray(value)
+    old = var.get_value()
+    if isinstance(getattr(old, "sharding", None), jax.sharding.NamedSharding):
+      value = jax.device_put(value, old.sharding)
+    var[...] = value
   return model

@@ -64,6 +64,17 @@ TARGETS: Mapping[str, tuple[str, int]] = {
     "down_proj": ("mlp.down_proj", 1),
 }
 
+# Parameters that can be trained whole next to the adapters (PEFT's `modules_to_save`): our name
+# -> (the HF / PEFT module name, True when it lives inside each decoder layer). The frozen base
+# keeps the original; the adapters hold a trained copy, used whenever the adapters are on.
+SAVABLE: Mapping[str, tuple[str, bool]] = {
+    "final_norm": ("model.norm", False),
+    "attn_norm": ("input_layernorm", True),
+    "mlp_norm": ("post_attention_layernorm", True),
+    "q_norm": ("self_attn.q_norm", True),
+    "k_norm": ("self_attn.k_norm", True),
+}
+
 ALL_LINEAR = "all-linear"
 _INITS = ("kaiming_uniform", "gaussian")
 
@@ -83,6 +94,12 @@ class LoraConfig:
       "all-linear" picks all seven (as in PEFT). Every entry must match something.
     use_rslora: scale by alpha / sqrt(rank) instead (rank-stabilised LoRA).
     init: "kaiming_uniform" (PEFT's default) or "gaussian" for A; B always starts at 0.
+    modules_to_save: norm weights trained whole next to the adapters (PEFT's `modules_to_save`):
+      regular expressions full-matched against our names (final_norm, attn_norm, mlp_norm,
+      q_norm, k_norm) and the HF ones (model.norm, input_layernorm, post_attention_layernorm,
+      self_attn.q_norm, self_attn.k_norm). The adapters hold a trained copy; the base (the
+      reference policy) keeps the original. With a frozen tied embedding the final norm's scale
+      bounds how peaked the policy can get, so training it (E numbers) matters on small models.
   """
 
   rank: int = 0
@@ -91,6 +108,7 @@ class LoraConfig:
   target_modules: tuple[str, ...] = (ALL_LINEAR,)
   use_rslora: bool = False
   init: str = "kaiming_uniform"
+  modules_to_save: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
@@ -119,6 +137,18 @@ class LoraConfig:
       raise ValueError(f"LoraConfig.use_rslora: expected a bool, got {self.use_rslora!r}")
     if self.init not in _INITS:
       raise ValueError(f"LoraConfig.init: expected one of {_INITS}, got {self.init!r}")
+    saved = self.modules_to_save
+    if isinstance(saved, str):
+      saved = (saved,)
+    if not isinstance(saved, (tuple, list)) or not all(isinstance(t, str) for t in saved):
+      raise ValueError(f"LoraConfig.modules_to_save: expected a tuple of name patterns, "
+                       f"got {self.modules_to_save!r}")
+    object.__setattr__(self, "modules_to_save", tuple(saved))
+    for pattern in self.modules_to_save:
+      if not _matches_saved(pattern):
+        raise ValueError(f"LoraConfig.modules_to_save: {pattern!r} matches no trainable module "
+                         f"(known: {', '.join(SAVABLE)}; embeddings and the LM head are not "
+                         f"supported)")
 
   @property
   def enabled(self) -> bool:
@@ -133,6 +163,11 @@ class LoraConfig:
   def targets(self) -> tuple[str, ...]:
     """Our names of the adapted projections, in `TARGETS` order."""
     return tuple(n for n in TARGETS if any(n in _matches(p) for p in self.target_modules))
+
+  @property
+  def saved(self) -> tuple[str, ...]:
+    """Our names of the parameters trained whole (`modules_to_save`), in `SAVABLE` order."""
+    return tuple(n for n in SAVABLE if any(n in _matches_saved(p) for p in self.modules_to_save))
 
   def replace(self, **changes) -> "LoraConfig":
     return dataclasses.replace(self, **changes)
@@ -149,6 +184,15 @@ def _matches(pattern: str) -> tuple[str, ...]:
                if regex.fullmatch(n) or regex.fullmatch(hf_name))
 
 
+def _matches_saved(pattern: str) -> tuple[str, ...]:
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"LoraConfig.modules_to_save: {pattern!r} is not a valid regex ({e})") from None
+  return tuple(n for n, (hf_name, _) in SAVABLE.items()
+               if regex.fullmatch(n) or regex.fullmatch(hf_name))
+
+
 class LoraParam(nnx.Param):
   """A trainable adapter parameter; `nnx.split(model, LoraParam, ...)` puts these apart."""
 
@@ -162,17 +206,27 @@ class LoraPair(nnx.Module):
 
 
 class LoraAdapters(nnx.Module):
-  """One `LoraPair` per targeted projection, as attributes named after the projection."""
+  """One `LoraPair` per targeted projection, as attributes named after the projection, and a
+  trained copy of each `modules_to_save` parameter, as an attribute named after it."""
 
   def __init__(self, lora: LoraConfig, base: Mapping[str, tuple[tuple[int, ...], tuple[Any, ...]]],
-               *, rngs: nnx.Rngs):
+               *, rngs: nnx.Rngs,
+               saved: Mapping[str, tuple[jax.Array, tuple[Any, ...]]] | None = None):
     """Draws the adapters.
 
     Args:
       lora: the (enabled) config.
       base: projection name -> (stacked shape, logical axes) of its base weight.
       rngs: draws A.
+      saved: `modules_to_save` name -> (current base value, logical axes); copied in float32
+        (see `saved_sources`). Required when `lora.saved` is not empty.
     """
+    saved = saved or {}
+    for name in lora.saved:
+      if name not in saved:
+        raise ValueError(f"LoraAdapters: no base value given for modules_to_save {name!r}")
+      value, axes = saved[name]
+      setattr(self, name, LoraParam(jnp.asarray(value, jnp.float32), logical_axes=tuple(axes)))
     r = lora.rank
     for name in lora.targets:
       shape, axes = base[name]
@@ -199,6 +253,10 @@ class LoraAdapters(nnx.Module):
         out[name] = {"a": pair.a[...], "b": pair.b[...]}
     return out
 
+  def saved_arrays(self) -> dict[str, jax.Array]:
+    """{name: trained copy} of the `modules_to_save` parameters (float32)."""
+    return {name: getattr(self, name)[...] for name in SAVABLE if hasattr(self, name)}
+
 
 def base_specs(layers: nnx.Module) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]:
   """Projection name -> (shape, logical axes) of the stacked base weights of a `Layers` module."""
@@ -206,6 +264,24 @@ def base_specs(layers: nnx.Module) -> dict[str, tuple[tuple[int, ...], tuple[Any
   for name in TARGETS:
     v = getattr(layers, name)
     out[name] = (tuple(v.get_value().shape), tuple(v.get_metadata()["logical_axes"]))
+  return out
+
+
+def saved_sources(model: nnx.Module, lora: LoraConfig) -> dict[str, tuple[jax.Array, tuple[Any, ...]]]:
+  """`modules_to_save` name -> (the base value, its logical axes) of a `Decoder` (for `LoraAdapters`).
+
+  Raises:
+    ValueError: naming the module when the model has no such parameter (q_norm / k_norm exist
+      only with qk_norm, as in Qwen3).
+  """
+  out = {}
+  for name in lora.saved:
+    owner = model if name == "final_norm" else model.layers
+    var = getattr(owner, name, None)
+    if var is None:
+      raise ValueError(f"lora.modules_to_save: this model has no {name!r} "
+                       f"({SAVABLE[name][0]}) to train")
+    out[name] = (var[...], tuple(var.get_metadata()["logical_axes"]))
   return out
 
 
@@ -283,16 +359,22 @@ def add_lora(model: nnx.Module, lora: LoraConfig, *, seed: int = 0, mesh: Mesh |
   if not lora.enabled:
     return model
   specs = base_specs(model.layers)
-  make = lambda: LoraAdapters(lora, specs, rngs=nnx.Rngs(seed))
+  sources = saved_sources(model, lora)
+  values = {name: value for name, (value, _) in sources.items()}
+
+  def make(values):
+    saved = {name: (values[name], axes) for name, (_, axes) in sources.items()}
+    return LoraAdapters(lora, specs, rngs=nnx.Rngs(seed), saved=saved)
+
   if mesh is None:
-    adapters = make()
+    adapters = make(values)
   else:
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    graphdef, abstract = nnx.split(nnx.eval_shape(make, values))
     shardings = jax.tree.map(
         lambda v: sharding_lib.logical_sharding(v.get_metadata()["logical_axes"],
                                                 v.get_value().shape, mesh, rules),
         abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    state = jax.jit(lambda values: nnx.state(make(values)), out_shardings=shardings)(values)
     adapters = nnx.merge(graphdef, state)
   model.lora = adapters
   model.lora_config = lora
@@ -322,7 +404,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   """A plain Decoder whose targeted weights are W + s · A B (for HF export or fast sampling).
 
   Untargeted parameters are shared with `model`, not copied; each merged weight is a new array
-  (so memory grows by the targeted weights while both models live), sharded like W.
+  (so memory grows by the targeted weights while both models live), sharded like W. The trained
+  copies of `modules_to_save` parameters replace their originals (cast to the base dtype).
   Dropout plays no part in merging. A model without adapters is returned as a detached copy.
   """
   merged = _copy_without_lora(model)
@@ -333,4 +416,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     w = getattr(merged.layers, name)
     w[...] = _merged_weight_jit(w[...], ab["a"], ab["b"], n_in=TARGETS[name][1],
                                 scale=lora.scale)
+  for name, value in model.lora.saved_arrays().items():
+    owner = merged if name == "final_norm" else merged.layers
+    var = getattr(owner, name)
+    var[...] = value.astype(var[...].dtype)
   return merged
