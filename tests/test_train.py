@@ -152,33 +152,40 @@ def test_sharded_run_matches_single_device(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_run_from_an_hf_checkpoint_keeps_only_adapters_and_exports_peft(tmp_path):
-  """The LoRA workflow: an HF checkpoint in (here: a briefly trained tiny policy, exported with
-  final_export=hf), adapters trained with GRPO and a KL to the adapters-off base, only adapters
-  checkpointed, PEFT adapters out."""
-  base = tmp_path / "base"
-  run_in(base, "--config.train.num_steps=50", "--config.train.eval_every=0",
-         "--config.train.export_every=0", "--config.train.final_export=hf", arg="")
-  hf_dir = base / "hf_export"
-  assert (hf_dir / "config.json").exists() and (hf_dir / "tokenizer_config.json").exists()
-  start = [json.loads(l)["reward/mean"] for l in open(base / "metrics.jsonl")][-5:]
-
+def test_lora_learns_the_default_task_from_a_pretrained_base(tmp_path):
+  """The LoRA workflow end to end, and that it learns: an HF checkpoint in (a tiny "pretrained"
+  base that knows the format, mostly repeats the wrong digit and samples the right one now and
+  then: greedy accuracy about 0.39, pass@4 0.79), adapters plus the final norm trained with GRPO
+  and a KL to the adapters-off base, only those checkpointed, PEFT adapters out. The curves of
+  full fine-tuning and adapters without the norm from the same base: BENCHMARKS.md, "LoRA learning"."""
+  from grpo_jax.testing.pretrain import pretrain_digits_base
+  base = pretrain_digits_base(tmp_path / "base", mix={"first": 0.45, "last": 0.3}, steps=300)
   lora = tmp_path / "lora"
-  run_in(lora, f"--config.model.path={hf_dir}", "--config.lora.rank=8",
-         "--config.optim.learning_rate=1e-2", "--config.train.num_steps=80",
-         "--config.train.eval_every=0", "--config.train.export_every=0",
-         "--config.train.final_export=peft", "--config.rl.kl_coef=0.01", arg="")
+  last, _ = run_in(lora, f"--config.model.path={base}", "--config.lora.rank=8",
+                   "--config.lora.modules_to_save=('final_norm',)",
+                   "--config.optim.learning_rate=1e-2", "--config.train.num_steps=100",
+                   "--config.train.eval_every=100", "--config.train.eval_num_prompts=64",
+                   "--config.train.export_every=0", "--config.train.checkpoint_every=50",
+                   "--config.train.final_export=peft", "--config.rl.kl_coef=0.01", arg="")
   rewards = [json.loads(l)["reward/mean"] for l in open(lora / "metrics.jsonl")]
-  # Starts from the base policy (B = 0: same rewards as where the base run ended), trains without
-  # breaking it. (How fast a tiny random-init base learns with adapters only is not asserted: its
-  # frozen tied head caps the logits; see the LoRA issue's note.)
-  assert len(rewards) == 80 and np.mean(rewards[-10:]) >= np.mean(start) - 0.05
-  # Only adapters (and their optimizer state) are in the checkpoint: no base weights.
+  assert len(rewards) == 100
+  # B = 0 at the start: the base's own rewards (format right, digit right about one time in four).
+  # Seen: 0.58-0.63 at the start, 0.94-1.00 over the last 10 steps (the base's numerics, hence
+  # its curve, differ between 1 and 8 host devices).
+  assert 0.5 <= np.mean(rewards[:3]) <= 0.75, rewards[:3]
+  assert np.mean(rewards[-10:]) >= 0.85, (
+      f"LoRA no longer learns the digits task from the pretrained base: last rewards "
+      f"{rewards[-10:]}; see BENCHMARKS.md 'LoRA learning' for the expected curve")
+  assert last["eval/greedy_accuracy"] >= 0.9  # the base: about 0.39
+  # Only the adapters and the final norm's copy (and their optimizer state) are checkpointed.
   step, state = final_state(lora, None)
-  assert step == 80
+  assert step == 100
   names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]]
-  assert names and all("lora" in n for n in names), names
-  assert (lora / "peft_export" / "adapter_model.safetensors").exists()
+  assert names and all(n.startswith("['lora']") for n in names), names
+  assert any("final_norm" in n for n in names)
+  peft_cfg = json.load(open(lora / "peft_export" / "adapter_config.json"))
+  assert peft_cfg["modules_to_save"] == ["model.norm"] and peft_cfg["r"] == 8
+  assert peft_cfg["base_model_name_or_path"] == os.path.abspath(base)
 
 
 @pytest.mark.slow

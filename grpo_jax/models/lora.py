@@ -121,34 +121,28 @@ class LoraConfig:
         or not 0 <= self.dropout < 1):
       raise ValueError(f"LoraConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
     object.__setattr__(self, "dropout", float(self.dropout))
-    targets = self.target_modules
-    if isinstance(targets, str):
-      targets = (targets,)
-    if not isinstance(targets, (tuple, list)) or not targets or not all(
-        isinstance(t, str) for t in targets):
-      raise ValueError(f"LoraConfig.target_modules: expected a non-empty tuple of name patterns, "
-                       f"got {self.target_modules!r}")
-    object.__setattr__(self, "target_modules", tuple(targets))
-    for pattern in self.target_modules:
-      if not _matches(pattern):
-        raise ValueError(f"LoraConfig.target_modules: {pattern!r} matches no projection "
-                         f"(known: {', '.join(TARGETS)}, or {ALL_LINEAR!r})")
+    self._set_patterns("target_modules", _matches, allow_empty=False,
+                       known=f"projection (known: {', '.join(TARGETS)}, or {ALL_LINEAR!r})")
     if not isinstance(self.use_rslora, bool):
       raise ValueError(f"LoraConfig.use_rslora: expected a bool, got {self.use_rslora!r}")
     if self.init not in _INITS:
       raise ValueError(f"LoraConfig.init: expected one of {_INITS}, got {self.init!r}")
-    saved = self.modules_to_save
-    if isinstance(saved, str):
-      saved = (saved,)
-    if not isinstance(saved, (tuple, list)) or not all(isinstance(t, str) for t in saved):
-      raise ValueError(f"LoraConfig.modules_to_save: expected a tuple of name patterns, "
-                       f"got {self.modules_to_save!r}")
-    object.__setattr__(self, "modules_to_save", tuple(saved))
-    for pattern in self.modules_to_save:
-      if not _matches_saved(pattern):
-        raise ValueError(f"LoraConfig.modules_to_save: {pattern!r} matches no trainable module "
-                         f"(known: {', '.join(SAVABLE)}; embeddings and the LM head are not "
-                         f"supported)")
+    self._set_patterns("modules_to_save", _matches_saved, allow_empty=True,
+                       known=f"trainable module (known: {', '.join(SAVABLE)}; embeddings and the "
+                             f"LM head are not supported)")
+
+  def _set_patterns(self, field: str, matches, *, allow_empty: bool, known: str):
+    """Normalises a str / list of name patterns to a tuple; each must match something."""
+    value = getattr(self, field)
+    patterns = (value,) if isinstance(value, str) else value
+    if (not isinstance(patterns, (tuple, list)) or (not patterns and not allow_empty)
+        or not all(isinstance(p, str) for p in patterns)):
+      kind = "a tuple" if allow_empty else "a non-empty tuple"
+      raise ValueError(f"LoraConfig.{field}: expected {kind} of name patterns, got {value!r}")
+    object.__setattr__(self, field, tuple(patterns))
+    for pattern in patterns:
+      if not matches(pattern):
+        raise ValueError(f"LoraConfig.{field}: {pattern!r} matches no {known}")
 
   @property
   def enabled(self) -> bool:
@@ -173,24 +167,24 @@ class LoraConfig:
     return dataclasses.replace(self, **changes)
 
 
+def _match_names(field: str, pattern: str, table: Mapping[str, tuple[str, Any]]) -> tuple[str, ...]:
+  """Our names in `table` whose own or HF name `pattern` (a regex) full-matches."""
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"LoraConfig.{field}: {pattern!r} is not a valid regex ({e})") from None
+  return tuple(n for n, (hf_name, _) in table.items()
+               if regex.fullmatch(n) or regex.fullmatch(hf_name))
+
+
 def _matches(pattern: str) -> tuple[str, ...]:
   if pattern == ALL_LINEAR:
     return tuple(TARGETS)
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"LoraConfig.target_modules: {pattern!r} is not a valid regex ({e})") from None
-  return tuple(n for n, (hf_name, _) in TARGETS.items()
-               if regex.fullmatch(n) or regex.fullmatch(hf_name))
+  return _match_names("target_modules", pattern, TARGETS)
 
 
 def _matches_saved(pattern: str) -> tuple[str, ...]:
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"LoraConfig.modules_to_save: {pattern!r} is not a valid regex ({e})") from None
-  return tuple(n for n, (hf_name, _) in SAVABLE.items()
-               if regex.fullmatch(n) or regex.fullmatch(hf_name))
+  return _match_names("modules_to_save", pattern, SAVABLE)
 
 
 class LoraParam(nnx.Param):
