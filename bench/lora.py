@@ -41,6 +41,17 @@ def analytic():
   for s, P, pn, r, n, f, l, ratio in rows:
     print(f"| Qwen2.5-{s} | {P/1e9:.2f} B | {pn} | {r} | {n/1e6:.1f} M ({100*n/P:.2f} %) | {f:.1f} | {l:.1f} | {ratio:.1f}x |")
 
+def train_step(graphdef, opt):
+  """grad of -sum(token log-probs) w.r.t. the trainable split + the optimizer update."""
+  def step(train, opt_state, frozen, ids):
+    def loss(train):
+      m = nnx.merge(graphdef, train, frozen)
+      return -jnp.sum(token_logprobs(m, ids, jnp.ones_like(ids), chunk_size=256))
+    g = jax.grad(loss)(train)
+    upd, opt_state = opt.update(g, opt_state, train)
+    return optax.apply_updates(train, upd), opt_state
+  return step
+
 def step_memory(batch, seq, rank, layers):
   cfg = qwen2_0p5b_config(**({"num_layers": layers} if layers else {}))
   lora = LoraConfig(rank=rank, alpha=2 * rank) if rank else None
@@ -51,14 +62,7 @@ def step_memory(batch, seq, rank, layers):
   opt_state = jax.eval_shape(opt.init, train)
   ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
-  def step(train, opt_state, frozen, ids):
-    def loss(train):
-      m = nnx.merge(graphdef, train, frozen)
-      return -jnp.sum(token_logprobs(m, ids, jnp.ones_like(ids), chunk_size=256))
-    g = jax.grad(loss)(train)
-    upd, opt_state = opt.update(g, opt_state, train)
-    return optax.apply_updates(train, upd), opt_state
-
+  step = train_step(graphdef, opt)
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(train, opt_state, frozen, ids).compile()
   ma = compiled.memory_analysis()
@@ -78,14 +82,7 @@ def step_time(rank, batch, seq, reps):
   opt_state = opt.init(train)
   ids = jnp.ones((batch, seq), jnp.int32)
 
-  def step(train, opt_state, frozen, ids):
-    def loss(train):
-      m = nnx.merge(graphdef, train, frozen)
-      return -jnp.sum(token_logprobs(m, ids, jnp.ones_like(ids), chunk_size=256))
-    g = jax.grad(loss)(train)
-    upd, opt_state = opt.update(g, opt_state, train)
-    return optax.apply_updates(train, upd), opt_state
-
+  step = train_step(graphdef, opt)
   f = jax.jit(step, donate_argnums=(0, 1))
   train, opt_state = jax.block_until_ready(f(train, opt_state, frozen, ids))
   ts = []

@@ -149,6 +149,21 @@ class RunConfig:
     return self.train.microbatch_size or self.minibatch
 
 
+def load_config(path: str, *overrides: str) -> ml_collections.ConfigDict:
+  """A `configs/*.py` file (":variant" allowed) with `--config.<field>=value` overrides, parsed
+  exactly as `python -m grpo_jax.train --config=PATH OVERRIDES...` parses them (for tests and
+  notebooks). The result is locked: unknown fields raise."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["grpo_jax", f"--config={path}", *overrides]
+  flag_values = flags.FlagValues()
+  # config_flags finds the overrides in `sys_argv` (it reads sys.argv otherwise).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
 def _fail(field: str, msg: str) -> ConfigError:
   return ConfigError(f"config.{field}: {msg}")
 

@@ -6,23 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
-from grpo_jax.config import ConfigError, resolve
+from grpo_jax.config import ConfigError, load_config, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
-def load(path: str, *overrides: str):
-  argv = ["prog", f"--config={path}", *overrides]
-  fv = flags.FlagValues()
-  # config_flags finds the --config.<field> overrides in `sys_argv` (sys.argv by default).
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+load = load_config
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)

@@ -19,12 +19,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from grpo_jax import distributed
 from grpo_jax import train
-from grpo_jax.config import resolve
+from grpo_jax.config import load_config, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_SH = os.path.join(ROOT, "launch", "local.sh")
@@ -67,13 +65,9 @@ def _tail(path, n=40):
 
 def run_1x4(workdir, *overrides):
   """One process, 4 of the session's devices, parsed as `grpo_jax.train` parses flags."""
-  argv = ["prog", SMOKE, *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
   devices = jax.devices()[:4]
-  cfg = resolve(fv.config, num_devices=len(devices))
+  cfg = resolve(load_config(SMOKE.removeprefix("--config="), *overrides),
+                num_devices=len(devices))
   train.preflight(cfg, str(workdir))
   return train.run(cfg, str(workdir), devices=devices)
 

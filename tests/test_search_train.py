@@ -10,23 +10,16 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from grpo_jax import train
-from grpo_jax.config import resolve
+from grpo_jax.config import load_config, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
 def load(*overrides):
-  argv = ["prog", f"--config={ROOT}/configs/search_r1_tiny.py", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+  return load_config(f"{ROOT}/configs/search_r1_tiny.py", *overrides)
 
 
 def test_tiny_search_run_end_to_end(tmp_path):

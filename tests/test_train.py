@@ -8,26 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from grpo_jax import advantages as adv_lib
 from grpo_jax import checkpoint as ckpt_lib
 from grpo_jax import train
-from grpo_jax.config import ConfigError, resolve
+from grpo_jax.config import ConfigError, load_config, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(*overrides, arg="smoke"):
   """The default config with command-line style overrides, parsed as `grpo_jax.train` does."""
-  path = f"{ROOT}/configs/default.py" + (f":{arg}" if arg else "")
-  argv = ["prog", f"--config={path}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+  return load_config(f"{ROOT}/configs/default.py" + (f":{arg}" if arg else ""), *overrides)
 
 
 def run_in(workdir, *overrides, devices=None, arg="smoke"):
