@@ -22,3 +22,16 @@ import hypothesis  # noqa: E402
 hypothesis.settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 hypothesis.settings.register_profile("dev", deadline=None, max_examples=40)
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+  """The HF folder of SmolLM2-135M-Instruct (a real pretrained model), built once when absent.
+
+  CI builds it before pytest (`.ci/run`), so tests normally only reuse the cached folder.
+  """
+  from grpo_jax.testing.real_model import smollm2_dir as build  # pylint: disable=import-outside-toplevel
+  return build()
