@@ -9,6 +9,7 @@ shardings and the train state donated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -331,26 +332,99 @@ def preflight(run: RunConfig, workdir: str) -> None:
     raise ConfigError(f"--workdir: {workdir!r} exists and is not a directory")
 
 
-def run(run_config: RunConfig, workdir: str, *, devices=None,
-        stop_after: int | None = None) -> dict[str, float]:
-  """Trains `run_config.train.num_steps` GRPO steps in `workdir`, resuming from its checkpoints.
+@dataclasses.dataclass
+class Loop:
+  """What lives across the steps of `run`: the set-up, the train state, the data iterator and the
+  bookkeeping (metrics one step late, the last saved step, a stop request)."""
+  run: RunConfig
+  workdir: str
+  setup: Setup
+  steps: Steps
+  state: Any
+  data_iter: Any
+  reward_fn: Any
+  checkpointer: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricsWriter
+  data_log: Any  # data_seen.jsonl, open on process 0 only.
+  start: int  # The step this call resumed from (0 on a fresh workdir).
+  stop: "_StopRequest"
+  pending: Any = None  # Metrics of the previous step: fetched one step late, the device never waits.
+  last: dict = dataclasses.field(default_factory=dict)  # The metrics of the last written step.
+  saved: int = 0  # The last step checkpointed.
+  updating: bool = False  # True while the state is donated to the update: no emergency save.
 
-  Args:
-    run_config: the validated config.
-    workdir: checkpoints, metrics, exports; a workdir with checkpoints is resumed.
-    devices: the devices of the mesh (default: all).
-    stop_after: run at most this many steps in this call, then checkpoint and return, as a
-      preempted job would (tests of resume use it).
+  @property
+  def mesh(self):
+    return self.setup.mesh
 
-  Returns:
-    The metrics of the last step.
-  """
+  @property
+  def tokenizer(self):
+    return self.setup.tokenizer
+
+  @property
+  def updates_per_step(self) -> int:
+    return self.run.train.ppo_epochs * (self.run.rollout_batch // self.run.minibatch)
+
+  def flush_metrics(self) -> None:
+    """Writes the pending metrics row (blocks until its arrays are ready)."""
+    if self.pending is not None:
+      self.last, self.pending = _flush(self.writer, self.pending), None
+
+  @contextlib.contextmanager
+  def failure_guard(self, step: int):
+    """A step that fails before its update (a reward function raises, the retriever is down)
+    checkpoints the finished steps with the iterator state from before this step's batch."""
+    data_state_before = self.data_iter.get_state()
+    self.updating = False
+    try:
+      yield
+    except BaseException:
+      # With several processes the others are not in this handler: a save (a collective) would
+      # wait for them; the last periodic checkpoint stands.
+      if not self.updating and step > self.saved and jax.process_count() == 1:
+        logging.error("step %d failed: saving the %d finished steps before re-raising", step + 1,
+                      step)
+        self.checkpointer.save(step, self.state, data_state_before, self.run)
+      raise
+
+  def close(self) -> None:
+    self.stop.restore()
+    if self.steps.search is not None and self.steps.search.server is not None:
+      self.steps.search.server.close()
+    self.checkpointer.close()
+    self.writer.close()
+    if self.data_log is not None:
+      self.data_log.close()
+
+
+@dataclasses.dataclass
+class StepData:
+  """What one step's phases hand each other: batch -> rollout -> rewards -> update batch."""
+  step: int  # 0-based; metrics, checkpoints and exports name it step + 1.
+  batch: dict | None = None  # The data pipeline's batch (host-local).
+  prompt_ids: Any = None  # [B, P] global arrays.
+  prompt_mask: Any = None
+  step_key: Any = None
+  out: Any = None  # The sampler's output (tokens, mask, truncated; search: info_mask, texts, ...).
+  completions_h: np.ndarray | None = None  # [N, R] response tokens on this host.
+  cmask_h: np.ndarray | None = None  # [N, R] their mask.
+  texts: list[str] | None = None
+  lengths_h: np.ndarray | None = None  # [N] response lengths on this host.
+  rewards: Any = None  # [N] global.
+  comps: Any = None  # reward components, [N] global each.
+  info_mask: Any = None  # [N, R] 1 on retrieved (loss-masked) tokens.
+  train_batch: dict | None = None
+  gstats: dict | None = None
+  roll_metrics: Any = None
+  upd_metrics: list = dataclasses.field(default_factory=list)
+  export_inputs: tuple | None = None  # (tokens and mask before the update, old log-probs).
+  times: dict = dataclasses.field(default_factory=dict)  # perf_counter at each phase boundary.
+
+
+def open_loop(run: RunConfig, workdir: str, devices=None) -> Loop:
+  """Set-up of `run`: mesh, tokenizer, data, model, jitted steps; resumes from `workdir`."""
   from grpo_jax import data as data_lib
   from grpo_jax import rewards as rewards_lib
-  from grpo_jax import export as export_lib
-  from grpo_jax import evaluation
-
-  run = run_config
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(run.mesh, devices)
@@ -381,163 +455,214 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
   if is_main:  # Steps after the checkpoint we resume from are redone: drop their old lines.
     metrics_lib.truncate_jsonl(data_log_path, start)
     data_log = open(data_log_path, "a")
-  pending = None  # Metrics of the previous step: fetched one step late, the device never waits.
-  last = {}
-  end = run.train.num_steps if stop_after is None else min(run.train.num_steps, start + stop_after)
-  saved = start
-  stop = _StopRequest()
+  return Loop(run=run, workdir=workdir, setup=setup, steps=steps, state=state,
+              data_iter=data_iter, reward_fn=reward_fn, checkpointer=checkpointer, writer=writer,
+              data_log=data_log, start=start, stop=_StopRequest(), saved=start)
+
+
+def run(run_config: RunConfig, workdir: str, *, devices=None,
+        stop_after: int | None = None) -> dict[str, float]:
+  """Trains `run_config.train.num_steps` GRPO steps in `workdir`, resuming from its checkpoints.
+
+  Args:
+    run_config: the validated config.
+    workdir: checkpoints, metrics, exports; a workdir with checkpoints is resumed.
+    devices: the devices of the mesh (default: all).
+    stop_after: run at most this many steps in this call, then checkpoint and return, as a
+      preempted job would (tests of resume use it).
+
+  Returns:
+    The metrics of the last step.
+  """
+  loop = open_loop(run_config, workdir, devices)
+  num_steps = run_config.train.num_steps
+  end = num_steps if stop_after is None else min(num_steps, loop.start + stop_after)
   try:
-    for step in range(start, end):
-      t0 = time.perf_counter()
-      # If this step fails before the update (a reward function raises, the retriever is down),
-      # the finished steps are saved with the iterator state from before this step's batch.
-      data_state_before = data_iter.get_state()
-      updating = False
-      try:
-        batch = next(data_iter)
-        seen = np.asarray(batch["index"])
-        if jax.process_count() > 1:  # Every host's slice, in global-batch order (all hosts call it).
-          seen = np.asarray(multihost_utils.process_allgather(seen, tiled=True))
-        if data_log is not None:  # Which examples each step trained on: audits and resume tests.
-          data_log.write(json.dumps({"step": step + 1, "index": seen.tolist()}) + "\n")
-          data_log.flush()
-        prompt_ids, prompt_mask = host.to_global((batch["prompt_ids"], batch["prompt_mask"]), mesh)
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-        sample_key, _ = jax.random.split(step_key)
-
-        # 1. Rollout: G responses per prompt, prompt prefilled once.
-        out = steps.sample(setup.policy_state(state.params), prompt_ids, prompt_mask, sample_key)
-        completions_h = host.to_host(out.tokens)
-        cmask_h = host.to_host(out.mask)
-        t_rollout = time.perf_counter()
-
-        # 2. Rewards on the host that holds the text.
-        g = run.rollout.group_size
-        texts = getattr(out, "texts", None) or host.decode(tokenizer, completions_h, cmask_h)
-        prompts_rep = [p for p in batch["prompt_text"] for _ in range(g)]
-        examples_rep = [host.example(batch, i) for i in range(len(batch["prompt_text"])) for _ in range(g)]
-        rw = reward_fn(prompts_rep, texts, examples_rep)
-        rewards_h = np.asarray(rw.total, np.float32)
-        components = {k: np.asarray(v, np.float32) for k, v in rw.components.items()}
-        lengths_h = cmask_h.sum(axis=1)
-        if run.rl.overlong_buffer > 0:
-          pen = overlong_penalty(lengths_h, run.rollout.max_new_tokens, run.rl.overlong_buffer,
-                                 run.rl.overlong_penalty)
-          rewards_h = rewards_h + pen
-          components["overlong"] = pen
-        t_reward = time.perf_counter()
-
-        # 3. Advantages over the global batch, and the update batch.
-        rewards, comps = host.to_global((rewards_h, components), mesh)
-        info_mask = getattr(out, "info_mask", None)
-        if info_mask is None:
-          info_mask = jnp.zeros_like(out.mask)
-        train_batch, gstats = steps.assemble(prompt_ids, prompt_mask, out.tokens, out.mask,
-                                             info_mask, rewards)
-        roll_metrics = steps.rollout_metrics(rewards, comps, train_batch["advantages"], out.mask,
-                                             out.truncated, gstats["zero_spread_frac"])
-
-        # 4. Old / reference log-probs where needed, then the update.
-        n_mb = run.rollout_batch // run.minibatch
-        on_policy = run.train.ppo_epochs == 1 and n_mb == 1
-        if not on_policy:
-          train_batch["old_logp"] = steps.logprobs(state.params, train_batch["tokens"],
-                                                   train_batch["attn_mask"])
-        if run.rl.loss.kl_coef > 0:
-          train_batch["ref_logp"] = steps.ref_logprobs(state.params, train_batch["tokens"],
-                                                       train_batch["attn_mask"])
-        export_now = run.train.export_every and (step + 1) % run.train.export_every == 0
-        if export_now:
-          pre_update = {k: train_batch[k] for k in ("tokens", "attn_mask")}
-          old_for_export = train_batch.get("old_logp")
-          if old_for_export is None:
-            old_for_export = steps.logprobs(state.params, train_batch["tokens"],
-                                            train_batch["attn_mask"])
-        upd_metrics = []
-        updating = True  # The state is donated from here on: no emergency save.
-        for epoch in range(run.train.ppo_epochs):
-          if n_mb == 1:
-            minibatches = [train_batch]
-          else:
-            perm = np.asarray(jax.random.permutation(
-                jax.random.fold_in(step_key, 1000 + epoch), run.rollout_batch))
-            minibatches = [steps.take(train_batch, perm[i * run.minibatch:(i + 1) * run.minibatch])
-                           for i in range(n_mb)]
-            minibatches = [jax.device_put(mb, jax.tree.map(lambda x: steps.batch_sh(x.ndim), mb))
-                           for mb in minibatches]
-          for mb in minibatches:
-            state, m = steps.train_step(state, mb)
-            upd_metrics.append(m)
-        state = steps.finish_step(state)
-        t_update = time.perf_counter()
-
-        # 5. Metrics of the previous step (its arrays are ready by now), this step's timings.
-        if pending is not None:
-          last = _flush(writer, pending)
-        lr = update.learning_rate_schedule(run.optim, run.train.num_steps * run.train.ppo_epochs
-                                           * n_mb)(max((step + 1) * run.train.ppo_epochs * n_mb - 1, 0))
-        pending = (step + 1, roll_metrics, upd_metrics, {
-            "time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
-            "time/update_s": t_update - t_reward, "time/step_s": t_update - t0,
-            "throughput/tokens_per_s": float(lengths_h.sum()) * jax.process_count()
-                                       / max(t_update - t0, 1e-9),
-            "optim/learning_rate": float(lr),
-          **{k if k.startswith("search/") else f"search/{k}": float(v)
-             for k, v in (getattr(out, "metrics", None) or {}).items()},
-        })
-        writer.advance()
-
-        # 6. Export, evaluation and checkpoint.
-        if export_now:
-          new_logp = steps.logprobs(state.params, pre_update["tokens"], pre_update["attn_mask"])
-          export_lib.write_step(
-              workdir, step + 1, tokenizer=tokenizer, run=run, texts=texts, rewards=rewards,
-              components=comps, train_batch=train_batch, gstats=gstats, truncated=out.truncated,
-              old_logp=old_for_export, new_logp=new_logp, info_mask=info_mask,
-              retrieved=_retrieved_text(out))
-        if run.train.eval_every and (step + 1) % run.train.eval_every == 0 and run.data.eval_split:
-          eval_metrics = evaluation.evaluate(steps, setup.policy_state(state.params), run,
-                                             tokenizer, reward_fn,
-                                             mesh, step_key)
-          if pending is not None:
-            pending[3].update(eval_metrics)
-        if jax.process_count() > 1:  # SIGTERM may reach hosts in different steps: stop together.
-          stop.requested = bool(np.max(multihost_utils.process_allgather(
-              np.int32(stop.requested))))
-        if (checkpointer.should_save(step + 1) or step + 1 == end or stop.requested):
-          if pending is not None:  # Every step a checkpoint holds has its metrics written.
-            last, pending = _flush(writer, pending), None
-          checkpointer.save(step + 1, state, data_iter.get_state(), run)
-          saved = step + 1
-      except BaseException:
-        # With several processes the others are not in this handler: a save (a collective) would
-        # wait for them; the last periodic checkpoint stands.
-        if not updating and step > saved and jax.process_count() == 1:
-          logging.error("step %d failed: saving the %d finished steps before re-raising", step + 1,
-                        step)
-          checkpointer.save(step, state, data_state_before, run)
-        raise
-      if stop.requested:
+    for step in range(loop.start, end):
+      s = StepData(step=step)
+      with loop.failure_guard(step):
+        next_batch(loop, s)
+        rollout(loop, s)
+        score(loop, s)
+        assemble(loop, s)
+        update_policy(loop, s)
+        record(loop, s)
+        export_and_evaluate(loop, s)
+        checkpoint(loop, s, last_step=step + 1 == end)
+      if loop.stop.requested:
         logging.warning("stop requested (SIGTERM): checkpointed step %d, exiting", step + 1)
         break
-    if pending is not None:
-      last = _flush(writer, pending)
+    loop.flush_metrics()
   finally:
-    stop.restore()
-    if steps.search is not None and steps.search.server is not None:
-      steps.search.server.close()
-    checkpointer.close()
-    writer.close()
-    if data_log is not None:
-      data_log.close()
-  if run.train.final_export and state is not None:
-    export_model(setup, state, os.path.join(workdir, f"{run.train.final_export}_export"),
+    loop.close()
+  finish(loop)
+  return loop.last
+
+
+# The phases of one step, in order. Each reads and fills the step's `StepData`.
+
+
+def next_batch(loop: Loop, s: StepData) -> None:
+  """The next prompts (logged to data_seen.jsonl) as global arrays, and the step's PRNG key."""
+  s.times["start"] = time.perf_counter()
+  batch = next(loop.data_iter)
+  seen = np.asarray(batch["index"])
+  if jax.process_count() > 1:  # Every host's slice, in global-batch order (all hosts call it).
+    seen = np.asarray(multihost_utils.process_allgather(seen, tiled=True))
+  if loop.data_log is not None:  # Which examples each step trained on: audits and resume tests.
+    loop.data_log.write(json.dumps({"step": s.step + 1, "index": seen.tolist()}) + "\n")
+    loop.data_log.flush()
+  s.batch = batch
+  s.prompt_ids, s.prompt_mask = host.to_global((batch["prompt_ids"], batch["prompt_mask"]),
+                                               loop.mesh)
+  s.step_key = jax.random.fold_in(jax.random.wrap_key_data(loop.state.rng), s.step)
+
+
+def rollout(loop: Loop, s: StepData) -> None:
+  """G responses per prompt (the prompt prefilled once)."""
+  sample_key, _ = jax.random.split(s.step_key)
+  s.out = loop.steps.sample(loop.setup.policy_state(loop.state.params), s.prompt_ids,
+                            s.prompt_mask, sample_key)
+  s.completions_h = host.to_host(s.out.tokens)  # Waits for the sampler: the timing is honest.
+  s.cmask_h = host.to_host(s.out.mask)
+  s.times["rollout"] = time.perf_counter()
+
+
+def score(loop: Loop, s: StepData) -> None:
+  """Rewards on the host that holds the text (+ DAPO's overlong penalty)."""
+  run, out, batch = loop.run, s.out, s.batch
+  completions_h, cmask_h = s.completions_h, s.cmask_h
+  g = run.rollout.group_size
+  texts = getattr(out, "texts", None) or host.decode(loop.tokenizer, completions_h, cmask_h)
+  prompts_rep = [p for p in batch["prompt_text"] for _ in range(g)]
+  examples_rep = [host.example(batch, i) for i in range(len(batch["prompt_text"]))
+                  for _ in range(g)]
+  rw = loop.reward_fn(prompts_rep, texts, examples_rep)
+  rewards_h = np.asarray(rw.total, np.float32)
+  components = {k: np.asarray(v, np.float32) for k, v in rw.components.items()}
+  lengths_h = cmask_h.sum(axis=1)
+  if run.rl.overlong_buffer > 0:
+    pen = overlong_penalty(lengths_h, run.rollout.max_new_tokens, run.rl.overlong_buffer,
+                           run.rl.overlong_penalty)
+    rewards_h = rewards_h + pen
+    components["overlong"] = pen
+  s.texts, s.lengths_h = texts, lengths_h
+  s.rewards, s.comps = host.to_global((rewards_h, components), loop.mesh)
+  s.times["reward"] = time.perf_counter()
+
+
+def assemble(loop: Loop, s: StepData) -> None:
+  """Advantages over the global batch, the update batch, and the old / reference log-probs."""
+  run, steps, state, out = loop.run, loop.steps, loop.state, s.out
+  info_mask = getattr(out, "info_mask", None)
+  s.info_mask = jnp.zeros_like(out.mask) if info_mask is None else info_mask
+  s.train_batch, s.gstats = steps.assemble(s.prompt_ids, s.prompt_mask, out.tokens, out.mask,
+                                           s.info_mask, s.rewards)
+  s.roll_metrics = steps.rollout_metrics(s.rewards, s.comps, s.train_batch["advantages"], out.mask,
+                                         out.truncated, s.gstats["zero_spread_frac"])
+  tb = s.train_batch
+  n_mb = run.rollout_batch // run.minibatch
+  on_policy = run.train.ppo_epochs == 1 and n_mb == 1
+  if not on_policy:
+    tb["old_logp"] = steps.logprobs(state.params, tb["tokens"], tb["attn_mask"])
+  if run.rl.loss.kl_coef > 0:
+    tb["ref_logp"] = steps.ref_logprobs(state.params, tb["tokens"], tb["attn_mask"])
+  if _due(run.train.export_every, s.step):
+    old = tb.get("old_logp")
+    if old is None:
+      old = steps.logprobs(state.params, tb["tokens"], tb["attn_mask"])
+    s.export_inputs = ({k: tb[k] for k in ("tokens", "attn_mask")}, old)
+
+
+def update_policy(loop: Loop, s: StepData) -> None:
+  """`ppo_epochs` passes over the rollout batch in minibatches; the state is donated."""
+  run, steps = loop.run, loop.steps
+  n_mb = run.rollout_batch // run.minibatch
+  loop.updating = True  # The state is donated from here on: no emergency save.
+  state = loop.state
+  for epoch in range(run.train.ppo_epochs):
+    if n_mb == 1:
+      minibatches = [s.train_batch]
+    else:
+      perm = np.asarray(jax.random.permutation(
+          jax.random.fold_in(s.step_key, 1000 + epoch), run.rollout_batch))
+      minibatches = [steps.take(s.train_batch, perm[i * run.minibatch:(i + 1) * run.minibatch])
+                     for i in range(n_mb)]
+      minibatches = [jax.device_put(mb, jax.tree.map(lambda x: steps.batch_sh(x.ndim), mb))
+                     for mb in minibatches]
+    for mb in minibatches:
+      state, m = steps.train_step(state, mb)
+      s.upd_metrics.append(m)
+  loop.state = steps.finish_step(state)
+  s.times["update"] = time.perf_counter()
+
+
+def record(loop: Loop, s: StepData) -> None:
+  """Writes the previous step's metrics (its arrays are ready by now); this step's wait."""
+  run, t = loop.run, s.times
+  loop.flush_metrics()
+  n_updates = loop.updates_per_step
+  lr = update.learning_rate_schedule(run.optim, run.train.num_steps * n_updates)(
+      max((s.step + 1) * n_updates - 1, 0))
+  loop.pending = (s.step + 1, s.roll_metrics, s.upd_metrics, {
+      "time/rollout_s": t["rollout"] - t["start"], "time/reward_s": t["reward"] - t["rollout"],
+      "time/update_s": t["update"] - t["reward"], "time/step_s": t["update"] - t["start"],
+      "throughput/tokens_per_s": float(s.lengths_h.sum()) * jax.process_count()
+                                 / max(t["update"] - t["start"], 1e-9),
+      "optim/learning_rate": float(lr),
+      **{k if k.startswith("search/") else f"search/{k}": float(v)
+         for k, v in (getattr(s.out, "metrics", None) or {}).items()},
+  })
+  loop.writer.advance()
+
+
+def export_and_evaluate(loop: Loop, s: StepData) -> None:
+  """The advantage export (every `export_every`) and held-out evaluation (every `eval_every`)."""
+  from grpo_jax import evaluation
+  from grpo_jax import export as export_lib
+  run, steps, state, step = loop.run, loop.steps, loop.state, s.step
+  if s.export_inputs is not None:
+    pre_update, old_logp = s.export_inputs
+    new_logp = steps.logprobs(state.params, pre_update["tokens"], pre_update["attn_mask"])
+    export_lib.write_step(
+        loop.workdir, step + 1, tokenizer=loop.tokenizer, run=run, texts=s.texts,
+        rewards=s.rewards, components=s.comps, train_batch=s.train_batch, gstats=s.gstats,
+        truncated=s.out.truncated, old_logp=old_logp, new_logp=new_logp, info_mask=s.info_mask,
+        retrieved=_retrieved_text(s.out))
+  if _due(run.train.eval_every, step) and run.data.eval_split:
+    eval_metrics = evaluation.evaluate(steps, loop.setup.policy_state(state.params), run,
+                                       loop.tokenizer, loop.reward_fn, loop.mesh, s.step_key)
+    if loop.pending is not None:
+      loop.pending[3].update(eval_metrics)
+
+
+def checkpoint(loop: Loop, s: StepData, *, last_step: bool) -> None:
+  """Saves every `checkpoint_every` steps, at the last step of this call, and on a stop request."""
+  if jax.process_count() > 1:  # SIGTERM may reach hosts in different steps: stop together.
+    loop.stop.requested = bool(np.max(multihost_utils.process_allgather(
+        np.int32(loop.stop.requested))))
+  step = s.step + 1
+  if loop.checkpointer.should_save(step) or last_step or loop.stop.requested:
+    loop.flush_metrics()  # Every step a checkpoint holds has its metrics written.
+    loop.checkpointer.save(step, loop.state, loop.data_iter.get_state(), loop.run)
+    loop.saved = step
+
+
+def finish(loop: Loop) -> None:
+  """After the loop: the final export and the reward-curve PNG."""
+  run, workdir = loop.run, loop.workdir
+  if run.train.final_export and loop.state is not None:
+    export_model(loop.setup, loop.state, os.path.join(workdir, f"{run.train.final_export}_export"),
                  run.train.final_export)
-  if is_main and os.path.exists(writer.path):
-    rows = metrics_lib.read_metrics(writer.path)
+  if jax.process_index() == 0 and os.path.exists(loop.writer.path):
+    rows = metrics_lib.read_metrics(loop.writer.path)
     metrics_lib.plot_curves(rows, ("reward/mean", "eval/greedy_mean_reward"),
                             os.path.join(workdir, "reward_curve.png"), title="GRPO reward")
-  return last
+
+
+def _due(every: int, step: int) -> bool:
+  """Whether a periodic action (every `every` steps, 0 = never) falls on 0-based `step`."""
+  return bool(every) and (step + 1) % every == 0
 
 
 def export_model(setup: Setup, state: update.TrainState, path: str, kind: str) -> str:
