@@ -44,7 +44,12 @@ def real(smollm2_dir):
   ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
   graphdef, params = nnx.split(from_pretrained(smollm2_dir))
   hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-  return dict(tok=tok, ids=ids, graphdef=graphdef, params=params, hf=hf)
+  # One torch thread: next to JAX's thread pool (and on a shared CI machine) torch's OpenMP threads
+  # wait on each other; transformers' greedy generate measured 14x slower with 2 threads than 1.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield dict(tok=tok, ids=ids, graphdef=graphdef, params=params, hf=hf)
+  torch.set_num_threads(threads)
 
 
 def _padded(real, length=None):
