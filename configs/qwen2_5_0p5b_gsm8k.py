@@ -1,8 +1,10 @@
 """Qwen2.5-0.5B-Instruct on GSM8K: a real model loaded from a local Hugging Face folder.
 
-Get the weights and data once, on a machine with internet:
-  huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir ~/models/Qwen2.5-0.5B-Instruct
-  tfds build gsm8k --data_dir ~/tensorflow_datasets --file_format=array_record
+Get the weights and data once, on a machine with internet (`hf` is the CLI of huggingface_hub, a
+dependency of transformers; GSM8K comes as the hub's Parquet files, read by our Parquet source, so
+no TensorFlow is needed):
+  hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir ~/models/Qwen2.5-0.5B-Instruct
+  hf download openai/gsm8k --repo-type dataset --include "main/*" --local-dir ~/data/gsm8k
 Then:
   python -m grpo_jax.train --config=configs/qwen2_5_0p5b_gsm8k.py \
     --config.model.path=$HOME/models/Qwen2.5-0.5B-Instruct --workdir=/tmp/qwen_gsm8k
@@ -27,12 +29,12 @@ def get_config(arg: str | None = None):
   c.model.remat = True  # rematerialise layers: long responses.
   c.tokenizer = ""  # "" = the model folder's own tokenizer.
 
-  c.data.source = "tfds:gsm8k"  # prepared with `tfds build gsm8k` (see above).
+  # The hub's Parquet files (see above); {split} is "train" or "test".
+  c.data.source = "parquet:~/data/gsm8k/main/{split}-00000-of-00001.parquet"
   c.data.split = "train"
   c.data.eval_split = "test"
-  c.data.data_dir = os.path.expanduser("~/tensorflow_datasets")  # TFDS data_dir.
   c.data.prompt_field = "question"  # GSM8K question column.
-  c.data.answer_field = "answer"  # GSM8K answer column (gold after '####').
+  c.data.answer_field = "answer"  # worked solution; the `numeric` reward takes the number after '#### '.
   c.data.template = ("{prompt}\nLet's think step by step and output the final answer after "
                      "\"####\".")  # verl's GSM8K instruction.
   c.data.use_chat_template = True  # Qwen chat template from the tokenizer.

@@ -1,7 +1,7 @@
 """Search-R1 on NQ with Qwen2.5-3B: the paper's setting, with retrieved tokens masked out of the loss.
 
 Prepare (once, on machines with internet), as Search-R1 does:
-  huggingface-cli download Qwen/Qwen2.5-3B --local-dir ~/models/Qwen2.5-3B
+  hf download Qwen/Qwen2.5-3B --local-dir ~/models/Qwen2.5-3B
   python scripts/data_process/nq_search.py      # from the Search-R1 repo: writes train/test.parquet
   # start Search-R1's retrieval server (or ours: python -m grpo_jax.retriever --corpus=... --port=8000)
 Then:

@@ -201,6 +201,7 @@ class Steps:
 
   def __init__(self, setup: Setup):
     from grpo_jax import sampling
+    from grpo_jax.data.pipeline import pad_id_of
     self.setup = setup
     run, mesh = setup.run, setup.mesh
     rep = NamedSharding(mesh, P())
@@ -210,7 +211,7 @@ class Steps:
     self.generate = functools.partial(
         sampling.generate, setup.graphdef, group_size=r.group_size,
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-        stop_token_ids=setup.stop_token_ids, pad_token_id=setup.tokenizer.pad_token_id,
+        stop_token_ids=setup.stop_token_ids, pad_token_id=pad_id_of(setup.tokenizer),
         mesh=mesh, bucket=False)  # The data pipeline already pads prompts to length buckets.
     self.search = None
     if run.search.enabled:
@@ -285,6 +286,7 @@ class SearchRollouts:
     self.setup = setup
 
   def __call__(self, policy_state, prompt_ids, prompt_mask, key, **overrides):
+    from grpo_jax.data.pipeline import pad_id_of
     from grpo_jax.rollout import search_sampler
     setup, r = self.setup, self.setup.run.rollout
     kwargs = dict(group_size=r.group_size, temperature=r.temperature, top_k=r.top_k,
@@ -293,7 +295,7 @@ class SearchRollouts:
     return search_sampler.search_generate(
         setup.graphdef, policy_state, prompt_ids, prompt_mask, key, tokenizer=setup.tokenizer,
         retriever=self.client, config=self.config, eos_token_id=setup.tokenizer.eos_token_id,
-        pad_token_id=setup.tokenizer.pad_token_id, mesh=setup.mesh, **kwargs)
+        pad_token_id=pad_id_of(setup.tokenizer), mesh=setup.mesh, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

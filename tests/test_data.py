@@ -205,6 +205,81 @@ def test_local_file_errors(tmp_path, tok):
     data.num_examples(data.DataConfig(source=f"parquet:{bad}"))
 
 
+# The first rows of GSM8K's train split as `openai/gsm8k` (config `main`) publishes them on the
+# hub: Parquet with string columns `question` and `answer`; the answer is the worked solution with
+# calculator annotations, the final number after "#### ".
+GSM8K_ROWS = (
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+                 "clips in May. How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
+               "clips altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of "
+                 "babysitting. How much did she earn?",
+     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned "
+               "0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"},
+    {"question": "A shop sold 1,200 pens on Monday and 150 fewer on Tuesday. How many pens did it "
+                 "sell in total?",
+     "answer": "On Tuesday it sold 1200-150 = <<1200-150=1050>>1050 pens.\nIn total it sold "
+               "1200+1050 = <<1200+1050=2250>>2,250 pens.\n#### 2,250"},
+)
+
+
+def _write_gsm8k(root):
+  """`hf download openai/gsm8k --repo-type dataset --include "main/*"`'s layout, with the schema
+  metadata the `datasets` library writes."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  features = {"question": {"dtype": "string", "_type": "Value"},
+              "answer": {"dtype": "string", "_type": "Value"}}
+  schema = pa.schema([("question", pa.string()), ("answer", pa.string())],
+                     metadata={"huggingface": json.dumps({"info": {"features": features}})})
+  os.makedirs(root / "main", exist_ok=True)
+  for split, rows in (("train", GSM8K_ROWS), ("test", GSM8K_ROWS[:2])):
+    pq.write_table(pa.Table.from_pylist(list(rows), schema=schema),
+                   root / "main" / f"{split}-00000-of-00001.parquet")
+
+
+def test_gsm8k_parquet_from_the_hub_with_the_gsm8k_config(tmp_path, tok):
+  """configs/qwen2_5_0p5b_gsm8k.py reads the hub's GSM8K Parquet files as they are published."""
+  from grpo_jax.config import load_config
+  _write_gsm8k(tmp_path / "gsm8k")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = load_config(f"{root}/configs/qwen2_5_0p5b_gsm8k.py")
+  assert c.data.source == "parquet:~/data/gsm8k/main/{split}-00000-of-00001.parquet"
+  data_cfg = dict(c.data.to_dict(), batch_size=3, shuffle=False)
+  data_cfg["source"] = c.data.source.replace("~/data/gsm8k", str(tmp_path / "gsm8k"))
+  cfg = data.DataConfig(**data_cfg)
+  data.check_source(cfg)
+  assert data.num_examples(cfg, "test") == 2
+  batch = next(iter(data.make_dataset(cfg, tok)))
+  # The config's instruction inside the tokenizer's chat template.
+  assert batch["prompt_text"][0] == (
+      f"<|user|>{GSM8K_ROWS[0]['question']}\nLet's think step by step and output the final "
+      f"answer after \"####\".<|end|><|assistant|>")
+  assert batch["answer"] == [[r["answer"]] for r in GSM8K_ROWS]
+  # The gold number is the one after "#### " (not the last annotation), thousands commas included.
+  assert [rw.extract_number(a[0]) for a in batch["answer"]] == [72.0, 10.0, 2250.0]
+  completions = ["48 + 24 = 72\n#### 72", "She earned $10.\n#### 10", "#### 2250"]
+  wrong = ["#### 24", "#### 0.2", "1200 + 1050 = 2250, so #### 1,050"]
+  fn = rw.make_reward_fn([tuple(r) for r in c.rewards])
+  examples = [{**e, "answer": a} for e, a in zip(batch["example"], batch["answer"])]
+  right = fn(batch["prompt_text"], completions, examples).total.tolist()
+  assert right == pytest.approx([1.1, 1.1, 1.1])  # numeric 1.0 + format 0.1
+  assert fn(batch["prompt_text"], wrong, examples).total.tolist() == pytest.approx([0.1] * 3)
+
+
+def test_pad_id_is_the_pad_token_else_eos(tmp_path, tok):
+  """One rule for the data pipeline and the sampler (train.Steps): Llama 3 has no pad token."""
+  from grpo_jax.data.pipeline import pad_id_of
+  assert pad_id_of(tok) == tok.pad_token_id != tok.eos_token_id
+  no_pad = transformers.AutoTokenizer.from_pretrained(tok.name_or_path, pad_token=None)
+  assert no_pad.pad_token_id is None and pad_id_of(no_pad) == tok.eos_token_id
+  neither = transformers.AutoTokenizer.from_pretrained(tok.name_or_path, pad_token=None,
+                                                        eos_token=None)
+  with pytest.raises(ValueError, match="neither a pad nor an eos token"):
+    pad_id_of(neither)
+
+
 # ---------------------------------------------------------------------------------------------
 # The grain pipeline
 # ---------------------------------------------------------------------------------------------

@@ -240,3 +240,18 @@ def test_non_finite_step_is_skipped_and_counted():
   assert int(new.skipped) == 0
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params),
                                                       jax.tree.leaves(state.params)))
+
+
+@pytest.mark.slow
+def test_tokenizer_without_a_pad_token_trains(tmp_path):
+  """Llama 3's tokenizer has no pad token: the sampler pads with EOS, as the data pipeline does."""
+  import shutil
+  from grpo_jax.testing.tokenizer import default_tokenizer_dir
+  tok_dir = tmp_path / "tokenizer"
+  shutil.copytree(default_tokenizer_dir(), tok_dir)
+  tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+  del tok_cfg["pad_token"]
+  (tok_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+  last, _ = run_in(tmp_path / "run", f"--config.tokenizer={tok_dir}", "--config.train.num_steps=1",
+                   "--config.train.eval_every=0", devices=jax.devices()[:1])
+  assert np.isfinite(last["reward/mean"])

@@ -91,6 +91,11 @@ def tokenize(tokenizer, texts: Sequence[str], config: DataConfig) -> list[list[i
 
 
 def pad_id_of(tokenizer) -> int:
+  """The pad id of a run: the tokenizer's pad token, else its EOS (Llama 3's tokenizer has no pad).
+
+  The one rule for prompt padding here and for the sampler's pad (`grpo_jax.train`); padded
+  positions are masked out everywhere, so EOS is as good a filler as any.
+  """
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   if pad is None:
     raise ValueError("tokenizer: has neither a pad nor an eos token to pad prompts with")

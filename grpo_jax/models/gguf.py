@@ -31,10 +31,14 @@ class GGUFError(ValueError):
 
 
 def _require_packages() -> None:
-  for name in ("gguf", "torch"):
-    if importlib.util.find_spec(name) is None:
-      raise GGUFError(f"reading GGUF files needs the `{name}` package: "
-                      "pip install 'grpo_jax[gguf]'")
+  try:
+    import gguf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise GGUFError("reading GGUF files needs the `gguf` package: "
+                    f"pip install 'grpo_jax[gguf]' ({e})") from e
+  # transformers de-quantizes GGUF tensors with torch; importing it takes seconds, finding it not.
+  if importlib.util.find_spec("torch") is None:
+    raise GGUFError("reading GGUF files needs the `torch` package: pip install 'grpo_jax[gguf]'")
 
 
 def gguf_architecture(path: str) -> str:
