@@ -345,9 +345,28 @@ def preflight(run: RunConfig, workdir: str) -> None:
     raise ConfigError(msg if msg.startswith("config.") else f"config.rewards: {msg}") from None
   try:
     data_lib.check_source(run.data)
-  except data_lib.DataError as e:
+    _check_every_row(run.data)
+  except (data_lib.DataError, ValueError) as e:
     msg = str(e).splitlines()[0]
     raise ConfigError(msg if msg.startswith("config.") else f"config.data: {msg}") from None
+
+
+def _check_every_row(data_config) -> None:
+  """A local file (JSONL / Parquet) is in memory anyway: every row has the prompt and answer
+  fields, so a bad row is an error now, not a crash at the step that reaches it."""
+  from grpo_jax import data as data_lib
+  from grpo_jax.data.sources import get_field
+  if data_config.kind not in ("jsonl", "parquet"):
+    return  # TFDS data sets can be large: `check_source` checks their first row.
+  splits = [data_config.split] + ([data_config.eval_split] if data_config.eval_split else [])
+  for split in splits:
+    source = data_lib.open_source(data_config, split)
+    try:
+      for i in range(len(source)):
+        get_field(source[i], data_config.prompt_field, field="prompt_field", index=i)
+        get_field(source[i], data_config.answer_field, field="answer_field", index=i)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"{e} ({source.origin})") from None
 
 
 def check_workdir(workdir: str) -> None:
