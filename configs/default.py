@@ -110,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.export_token_groups = 2  # groups per export with a per-token view.
   c.train.final_export = ""  # at the end: "" | "hf" (merged HF checkpoint) | "peft" (adapters).
   c.train.progress_bar = True  # tqdm progress bar on process 0.
+  c.train.max_nonfinite_steps = 5  # stop after this many steps in a row skipped as non-finite (0 = never).
 
   # --- LoRA (parameter-efficient GRPO) --------------------------------------------------------
   c.lora = ml_collections.ConfigDict()

@@ -118,6 +118,7 @@ class TrainConfig:
   export_token_groups: int = 2
   final_export: str = ""
   progress_bar: bool = True
+  max_nonfinite_steps: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,27 @@ class RunConfig:
   @property
   def microbatch(self) -> int:
     return self.train.microbatch_size or self.minibatch
+
+
+def user_config(run: RunConfig) -> dict:
+  """`run` laid out as a config file writes it (the loss fields flat in `rl`, no `rl.loss`), every
+  value resolved: `resolve(ml_collections.ConfigDict(user_config(run)))` gives `run` back, so the
+  `config.json` of a workdir can be fed back."""
+  def plain(x):
+    if dataclasses.is_dataclass(x):
+      return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    if isinstance(x, dict):
+      return {str(k): plain(v) for k, v in x.items()}
+    return x
+  out = {f.name: plain(getattr(run, f.name)) for f in dataclasses.fields(run)}
+  rl = dict(out["rl"])
+  loss = rl.pop("loss")
+  if loss.get("dual_clip") is None:
+    loss["dual_clip"] = 0.0  # The config files' spelling of "off".
+  out["rl"] = {**rl, **loss}
+  return out
 
 
 def load_config(path: str, *overrides: str) -> ml_collections.ConfigDict:
@@ -291,6 +313,7 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
     raise _fail("optim.max_grad_norm", f"expected >= 0, got {optim.max_grad_norm}")
 
   train = _section(TrainConfig, "train", c["train"])
+  _positive("train.max_nonfinite_steps", train.max_nonfinite_steps, allow_zero=True)
   for f in ("num_steps", "ppo_epochs", "log_every", "eval_num_prompts", "eval_pass_k",
             "keep_checkpoints", "export_token_groups"):
     _positive(f"train.{f}", getattr(train, f), allow_zero=f == "export_token_groups")
@@ -307,6 +330,9 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
     if isinstance(lora_values.get(f), list):
       lora_values[f] = tuple(lora_values[f])
   lora = _section(LoraConfig, "lora", lora_values)
+  if lora.enabled and lora.dropout:
+    raise _fail("lora.dropout", f"adapter dropout is not implemented in the trainer; set 0.0, got "
+                                f"{lora.dropout}")
   qk_saved = [n for n in lora.saved if n in ("q_norm", "k_norm")] if lora.enabled else []
   if qk_saved:
     has_qk = False  # The tiny model has no per-head q/k norms.

@@ -26,6 +26,37 @@ def _fail(msg: str):
   sys.exit(f"error: {msg}")
 
 
+def _read(path: str, what: str) -> pa.Table:
+  """A Parquet file as a table with rows, or one line naming the file."""
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # noqa: BLE001 -- pyarrow raises many kinds for a damaged file.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    _fail(f"{what}: {path} is not a readable Parquet file ({first})")
+  if table.num_rows == 0:
+    _fail(f"{what}: {path} has no rows")
+  return table
+
+
+def _numbers(table: pa.Table, column: str, flag: str) -> np.ndarray:
+  """A numeric column as float32, or one line naming the column and its type."""
+  col = table.column(column)
+  if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+          or pa.types.is_boolean(col.type)):
+    _fail(f"{flag}: column {column!r} holds {col.type}, expected numbers")
+  return np.asarray(col.to_numpy(zero_copy_only=False), np.float32)
+
+
+def _out_dir(out: str) -> str:
+  if os.path.exists(out) and not os.path.isdir(out):
+    _fail(f"--out: {out!r} is a file, expected a folder for the PNGs")
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    _fail(f"--out: cannot create {out!r} ({e.strerror or e})")
+  return out
+
+
 def latest_export(workdir: str, step: int | None) -> str:
   from grpo_jax import export
   if step is not None:
@@ -92,7 +123,7 @@ def advantages_for_table(table: pa.Table, *, estimator: str, group_column: str,
   keys = table.column(group_column).to_pylist()
   uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
   gids = np.array([uniq[k] for k in keys], np.int32)
-  rewards = np.asarray(table.column(reward_column).to_numpy(zero_copy_only=False), np.float32)
+  rewards = _numbers(table, reward_column, "--reward-column")
   if not np.isfinite(rewards).all():
     bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
     _fail(f"--reward-column: row {bad} has a non-finite reward {rewards[bad]}")
@@ -104,6 +135,11 @@ def advantages_for_table(table: pa.Table, *, estimator: str, group_column: str,
         break
     else:
       _fail("--estimator opo: needs a response_length column")
+  if estimator == "remax":
+    if "baseline" not in table.column_names:
+      _fail("--estimator remax: needs a baseline column (the reward of each prompt's greedy "
+            "response)")
+    kwargs["baseline"] = jnp.asarray(_numbers(table, "baseline", "--estimator remax"))
   num_groups = len(uniq)
   adv = adv_lib.compute_advantages(jnp.asarray(rewards), jnp.asarray(gids), num_groups,
                                    estimator=estimator, eps=eps, **kwargs)
@@ -120,8 +156,15 @@ def advantages_for_table(table: pa.Table, *, estimator: str, group_column: str,
   return table
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """Argument errors as one `error: ...` line (no usage block); `--help` shows the usage."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m grpo_jax.inspect", description=__doc__,
+  parser = _OneLineParser(prog="python -m grpo_jax.inspect", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("target", help="a run's workdir, or a Parquet file of rollouts")
   parser.add_argument("--step", type=int, default=None, help="exported step (default: latest)")
@@ -135,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
   if os.path.isdir(args.target):
     from grpo_jax import export, metrics
     path = latest_export(args.target, args.step)
-    table = pq.read_table(path)
-    out_dir = args.out or export.export_dir(args.target)
-    os.makedirs(out_dir, exist_ok=True)
+    table = _read(path, "WORKDIR")
+    for col in ("group_id", "reward", "advantage"):
+      if col not in table.column_names:
+        _fail(f"WORKDIR: {path} has no {col!r} column (not an export of grpo_jax.train)")
+    out_dir = _out_dir(args.out or export.export_dir(args.target))
     step = int(re.search(r"step_(\d+)", os.path.basename(path)).group(1))
     print(f"step {step}: {path}")
     print(summary(table))
@@ -150,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     from grpo_jax import advantages as adv_lib
     if args.estimator not in adv_lib.ESTIMATORS:
       _fail(f"--estimator: unknown {args.estimator!r} (known: {', '.join(adv_lib.ESTIMATORS)})")
-    try:
-      table = pq.read_table(args.target)
-    except (pa.ArrowInvalid, OSError) as e:
-      _fail(f"{args.target}: not a readable Parquet file ({e})")
+    if args.out:
+      _out_dir(args.out)
+    table = _read(args.target, "target")
     table = advantages_for_table(table, estimator=args.estimator, group_column=args.group_column,
                                  reward_column=args.reward_column, eps=args.eps)
     base = os.path.splitext(args.target)[0]
@@ -161,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from grpo_jax.export import write_parquet
     write_parquet(table, out_path)
     print(f"wrote {out_path} ({table.num_rows} rows, estimator {args.estimator})")
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.target))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = _out_dir(args.out or os.path.dirname(os.path.abspath(args.target)))
     print(summary(table))
     pngs = plot_histograms(table, out_dir, os.path.basename(base))
   else:

@@ -116,11 +116,18 @@ class _BadRequest(ValueError):
   pass
 
 
+# The largest request body read (bytes): a batch of queries is kilobytes; anything near this is
+# abuse or a bug, answered 413 without reading it.
+MAX_BODY_BYTES = 8 << 20
+
+
 def _parse_request(body: bytes, default_topk: int) -> tuple[list[str], int, bool]:
   try:
     request = json.loads(body.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise _BadRequest(f"request body: malformed JSON ({e})") from None
+  except RecursionError:
+    raise _BadRequest("request body: JSON nested too deeply") from None
   if not isinstance(request, dict):
     raise _BadRequest("request body: expected a JSON object")
   queries = request.get("queries")
@@ -142,7 +149,7 @@ class RetrieverHTTPServer(http.server.ThreadingHTTPServer):
 
   daemon_threads = True
 
-  def __init__(self, address: tuple[str, int], index: BM25Index, default_topk: int = 3):
+  def __init__(self, address: tuple[str, int], index: BM25Index | None, default_topk: int = 3):
     self.index = index
     self.default_topk = default_topk
     super().__init__(address, _Handler)
@@ -157,6 +164,9 @@ class RetrieverHTTPServer(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
   server: RetrieverHTTPServer
   protocol_version = "HTTP/1.1"
+  # Seconds a connection may stay silent (socket timeout): a client that announces more bytes
+  # than it sends does not hold a thread forever.
+  timeout = 60
 
   def _send_json(self, status: int, payload: Any) -> None:
     data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
@@ -172,9 +182,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     else:
       self._send_json(404, {"detail": f"no such path {self.path!r}; POST /retrieve"})
 
+  def _body(self) -> bytes | None:
+    """The request body; None after answering a bad Content-Length (the connection is closed:
+    whatever follows on it cannot be framed)."""
+    header = self.headers.get("Content-Length")
+    try:
+      length = int(header) if header is not None else 0
+    except ValueError:
+      length = -1
+    if length < 0:
+      self.close_connection = True
+      self._send_json(400, {"detail": f"Content-Length: expected a byte count, got {header!r}"})
+      return None
+    if length > MAX_BODY_BYTES:
+      self.close_connection = True
+      self._send_json(413, {"detail": f"request body: {length} bytes, the limit is "
+                                      f"{MAX_BODY_BYTES}"})
+      return None
+    return self.rfile.read(length)
+
   def do_POST(self):  # noqa: N802
-    length = int(self.headers.get("Content-Length") or 0)
-    body = self.rfile.read(length)
+    body = self._body()
+    if body is None:
+      return
     if self.path.rstrip("/") != "/retrieve":
       self._send_json(404, {"detail": f"no such path {self.path!r}; POST /retrieve"})
       return
@@ -234,8 +264,15 @@ def start_server(corpus: str | os.PathLike[str] | Sequence[dict[str, Any]] | BM2
   return RunningServer(server, thread)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """Argument errors as one `error: ...` line (no usage block); `--help` shows the usage."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
+  parser = _OneLineParser(
       prog="python -m grpo_jax.retriever",
       description="BM25 retrieval server with Search-R1's /retrieve API.")
   parser.add_argument("--corpus", required=True, help="JSONL file of {'id', 'contents'} rows.")
@@ -246,12 +283,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk: expected a positive int, got {args.topk}")
+  if not 0 <= args.port <= 65535:
+    parser.exit(2, f"error: --port: expected 0..65535, got {args.port}\n")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  if not os.path.isfile(args.corpus):
+    parser.exit(2, f"error: --corpus: no such file {args.corpus!r}\n")
+  # Bind first: a bad --host / --port is known before the corpus is read and indexed.
+  try:
+    server = RetrieverHTTPServer((args.host, args.port), None, default_topk=args.topk)
+  except (OSError, OverflowError) as e:  # Unknown host, address in use, port not allowed.
+    parser.exit(2, f"error: --host/--port: cannot listen on {args.host}:{args.port} "
+                   f"({getattr(e, 'strerror', None) or e})\n")
   try:
     docs = load_corpus(args.corpus)
+    server.index = BM25Index(docs)
   except (FileNotFoundError, ValueError) as e:
+    server.server_close()
     parser.exit(2, f"error: {e}\n")
-  server = RetrieverHTTPServer((args.host, args.port), BM25Index(docs), default_topk=args.topk)
   logging.info("retriever: %d documents from %s, serving %s", len(docs), args.corpus, server.url)
   try:
     server.serve_forever()

@@ -34,7 +34,7 @@ from grpo_jax import host
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import sharding
 from grpo_jax import update
-from grpo_jax.config import ConfigError, RunConfig, resolve
+from grpo_jax.config import ConfigError, RunConfig, resolve, user_config
 
 # Keys split per step must not depend on how arrays are sharded: 1 device == 8 devices.
 jax.config.update("jax_threefry_partitionable", True)
@@ -152,13 +152,22 @@ def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
 
 
 def assemble_batch(prompt_ids_BxP, prompt_mask_BxP, completions_NxR, completion_mask_NxR,
-                   info_mask_NxR, rewards_N, *, group_size: int, num_groups: int, estimator: str,
-                   adv_eps: float, filter_zero_std: bool, kl_on_filtered: bool):
-  """Expands prompts to groups, computes advantages and the loss / KL masks of the update."""
+                   info_mask_NxR, rewards_N, baseline_N=None, *, group_size: int, num_groups: int,
+                   estimator: str, adv_eps: float, filter_zero_std: bool, kl_on_filtered: bool):
+  """Expands prompts to groups, computes advantages and the loss / KL masks of the update.
+
+  `baseline_N` is ReMax's baseline (the reward of each prompt's greedy response, repeated over
+  its group); OPO's response lengths are the completion mask's row sums.
+  """
   prompt_ids, prompt_mask = groups.expand_groups((prompt_ids_BxP, prompt_mask_BxP), group_size)
   gids_N = groups.group_ids(num_groups, group_size)
+  extra = {}
+  if estimator == "opo":
+    extra["lengths"] = completion_mask_NxR.sum(axis=1).astype(jnp.float32)
+  if estimator == "remax":
+    extra["baseline"] = baseline_N
   advantages_N = adv_lib.compute_advantages(rewards_N, gids_N, num_groups, estimator=estimator,
-                                            eps=adv_eps)
+                                            eps=adv_eps, **extra)
   mean_G, std_G, count_G = adv_lib.group_stats(rewards_N, gids_N, num_groups)
   spread_G = (std_G > 0).astype(jnp.float32)
   keep_N = spread_G[gids_N] if filter_zero_std else jnp.ones_like(rewards_N)
@@ -317,21 +326,106 @@ def overlong_penalty(lengths_N: np.ndarray, max_len: int, buffer: int, factor: f
 
 
 def preflight(run: RunConfig, workdir: str) -> None:
-  """Checks that need files (data, tokenizer, reward functions) before anything compiles."""
+  """Checks that need files (workdir, model, tokenizer, reward functions, data) before anything
+  compiles or data is prepared: each failure is a `ConfigError` of one line naming the field."""
   from grpo_jax import data as data_lib
   from grpo_jax import rewards as rewards_lib
+  check_workdir(workdir)
+  tokenizer = _checked_tokenizer(run)
+  mcfg = _checked_model_config(run, tokenizer)
+  prompt_len = max(run.data.length_buckets or (run.data.max_prompt_len,))
+  positions = prompt_len + run.rollout.max_new_tokens
+  if positions > mcfg.max_position_embeddings:
+    raise ConfigError(
+        f"config.rollout.max_new_tokens: prompts of up to {prompt_len} tokens "
+        f"(data.length_buckets) + {run.rollout.max_new_tokens} new tokens = {positions} positions, "
+        f"beyond the model's max_position_embeddings={mcfg.max_position_embeddings}")
   try:
     rewards_lib.make_reward_fn(run.rewards)
-  except (ValueError, ImportError, AttributeError, TypeError) as e:
-    msg = str(e).splitlines()[0]
+  except Exception as e:  # noqa: BLE001 -- a user module may raise anything at import.
+    msg = _one_line(e)
     raise ConfigError(msg if msg.startswith("config.") else f"config.rewards: {msg}") from None
   try:
     data_lib.check_source(run.data)
-  except data_lib.DataError as e:
+    _check_every_row(run.data)
+  except (data_lib.DataError, ValueError) as e:
     msg = str(e).splitlines()[0]
     raise ConfigError(msg if msg.startswith("config.") else f"config.data: {msg}") from None
+
+
+def _check_every_row(data_config) -> None:
+  """A local file (JSONL / Parquet) is in memory anyway: every row has the prompt and answer
+  fields, so a bad row is an error now, not a crash at the step that reaches it."""
+  from grpo_jax import data as data_lib
+  from grpo_jax.data.sources import get_field
+  if data_config.kind not in ("jsonl", "parquet"):
+    return  # TFDS data sets can be large: `check_source` checks their first row.
+  splits = [data_config.split] + ([data_config.eval_split] if data_config.eval_split else [])
+  for split in splits:
+    source = data_lib.open_source(data_config, split)
+    try:
+      for i in range(len(source)):
+        get_field(source[i], data_config.prompt_field, field="prompt_field", index=i)
+        get_field(source[i], data_config.answer_field, field="answer_field", index=i)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"{e} ({source.origin})") from None
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir can be created and written (not under a file, not read-only)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: {workdir!r} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir: cannot write to {workdir!r} ({e.strerror or e})") from None
+
+
+def _checked_tokenizer(run: RunConfig):
+  field = "config.model.path" if run.tokenizer and run.tokenizer == run.model.path else (
+      "config.tokenizer")
+  try:
+    return load_tokenizer(run)
+  except Exception as e:  # noqa: BLE001 -- transformers raises many kinds for a bad folder.
+    raise ConfigError(f"{field}: cannot load a tokenizer from {run.tokenizer!r} "
+                      f"({_one_line(e)})") from None
+
+
+def _checked_model_config(run: RunConfig, tokenizer):
+  if not run.model.is_tiny:
+    import glob
+    if not glob.glob(os.path.join(run.model.path, "*.safetensors")):
+      raise ConfigError(f"config.model.path: no *.safetensors weights in {run.model.path!r}")
+  try:
+    return model_config(run, tokenizer)
+  except Exception as e:  # noqa: BLE001 -- a broken or unsupported config.json.
+    msg = _one_line(e)
+    raise ConfigError(msg if msg.startswith("config.") else (
+        f"config.model.path: {os.path.join(run.model.path, 'config.json')}: {msg}")) from None
+
+
+def _one_line(e: BaseException) -> str:
+  msg = (str(e).strip().splitlines() or [""])[0]
+  if isinstance(e, (ValueError, TypeError, KeyError, OSError, ConfigError)) and msg:
+    return msg.strip("'\"") if isinstance(e, KeyError) else msg
+  return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# Exit status of a run stopped by SIGTERM / SIGINT after checkpointing: a scheduler tells it apart
+# from success (0) and from failure (1); rerunning the same command resumes. 75 is EX_TEMPFAIL.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """SIGTERM / SIGINT stopped the run at the end of a step, after a checkpoint."""
+
+
+class NonFiniteError(RuntimeError):
+  """`train.max_nonfinite_steps` consecutive steps had their update skipped as non-finite."""
 
 
 @dataclasses.dataclass
@@ -349,11 +443,14 @@ class Loop:
   writer: metrics_lib.MetricsWriter
   data_log: Any  # data_seen.jsonl, open on process 0 only.
   start: int  # The step this call resumed from (0 on a fresh workdir).
-  stop: "_StopRequest"
+  stop: "StopRequest"
+  lock: Any = None  # The workdir lock (process 0).
   pending: Any = None  # Metrics of the previous step: fetched one step late, the device never waits.
   last: dict = dataclasses.field(default_factory=dict)  # The metrics of the last written step.
   saved: int = 0  # The last step checkpointed.
   updating: bool = False  # True while the state is donated to the update: no emergency save.
+  nonfinite_streak: int = 0  # Consecutive steps with a skipped (non-finite) update.
+  t_start: float = dataclasses.field(default_factory=time.perf_counter)
 
   @property
   def mesh(self):
@@ -370,33 +467,58 @@ class Loop:
   def flush_metrics(self) -> None:
     """Writes the pending metrics row (blocks until its arrays are ready)."""
     if self.pending is not None:
-      self.last, self.pending = _flush(self.writer, self.pending), None
+      pending, self.pending = self.pending, None
+      self.last = _flush(self.writer, pending)
 
   @contextlib.contextmanager
   def failure_guard(self, step: int):
-    """A step that fails before its update (a reward function raises, the retriever is down)
-    checkpoints the finished steps with the iterator state from before this step's batch."""
+    """A step that fails writes the metrics row of the step before it; a failure before the
+    update (a reward function raises, the retriever is down) also checkpoints the finished steps
+    with the iterator state from before this step's batch. After a failure in the update the
+    state is donated (maybe gone): nothing is saved, the last checkpoint stands."""
     data_state_before = self.data_iter.get_state()
     self.updating = False
     try:
       yield
-    except BaseException:
+    except BaseException as e:
+      disk_full = is_disk_full(e)
+      if not disk_full:
+        _quietly(self.flush_metrics, "writing the metrics of step %d" % step)
       # With several processes the others are not in this handler: a save (a collective) would
       # wait for them; the last periodic checkpoint stands.
-      if not self.updating and step > self.saved and jax.process_count() == 1:
-        logging.error("step %d failed: saving the %d finished steps before re-raising", step + 1,
-                      step)
-        self.checkpointer.save(step, self.state, data_state_before, self.run)
+      if (not self.updating and not disk_full and step > self.saved and jax.process_count() == 1
+          and not isinstance(e, (KeyboardInterrupt, NonFiniteError))
+          and _intact(self.state)):
+        ckpt_lib.warn(f"step {step + 1} failed: saving the {step} finished steps")
+        if _quietly(lambda: (self.checkpointer.save(step, self.state, data_state_before, self.run),
+                             self.checkpointer.wait()), f"saving step {step}"):
+          self.saved = step
       raise
 
   def close(self) -> None:
-    self.stop.restore()
+    """Stops the retriever, finishes pending saves, closes files, releases the workdir lock.
+
+    Everything is attempted; the first failure is raised unless an exception is already on its
+    way (then it is only logged, so the original error is the one reported)."""
+    closers = [self.stop.restore]
     if self.steps.search is not None and self.steps.search.server is not None:
-      self.steps.search.server.close()
-    self.checkpointer.close()
-    self.writer.close()
+      closers.append(self.steps.search.server.close)
+    closers += [self.checkpointer.close, self.writer.close]
     if self.data_log is not None:
-      self.data_log.close()
+      closers.append(self.data_log.close)
+    if self.lock is not None:
+      closers.append(self.lock.release)
+    failing = sys.exc_info()[1] is not None
+    first = None
+    for closer in closers:
+      try:
+        closer()
+      except Exception as e:  # noqa: BLE001
+        if failing:
+          logging.error("while closing after a failure: %s", _one_line(e))
+        first = first or e
+    if first is not None and not failing:
+      raise first
 
 
 @dataclasses.dataclass
@@ -414,6 +536,7 @@ class StepData:
   lengths_h: np.ndarray | None = None  # [N] response lengths on this host.
   rewards: Any = None  # [N] global.
   comps: Any = None  # reward components, [N] global each.
+  baseline: Any = None  # [N] global: ReMax's greedy-response rewards (other estimators: None).
   info_mask: Any = None  # [N, R] 1 on retrieved (loss-masked) tokens.
   train_batch: dict | None = None
   gstats: dict | None = None
@@ -423,12 +546,39 @@ class StepData:
   times: dict = dataclasses.field(default_factory=dict)  # perf_counter at each phase boundary.
 
 
-def open_loop(run: RunConfig, workdir: str, devices=None) -> Loop:
-  """Set-up of `run`: mesh, tokenizer, data, model, jitted steps; resumes from `workdir`."""
+def open_loop(run: RunConfig, workdir: str, devices=None) -> Loop | None:
+  """Set-up of `run`: mesh, tokenizer, data, model, jitted steps; resumes from `workdir`.
+
+  Returns None when the workdir already holds a checkpoint of the last step (nothing compiled).
+  """
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  lock = ckpt_lib.WorkdirLock(workdir) if is_main else None
+  stop = StopRequest()
+  try:
+    return _open_loop(run, workdir, devices, lock, stop)
+  except BaseException:
+    stop.restore()
+    if lock is not None:
+      lock.release()
+    raise
+
+
+def _open_loop(run: RunConfig, workdir: str, devices, lock, stop) -> Loop | None:
   from grpo_jax import data as data_lib
   from grpo_jax import rewards as rewards_lib
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       save_every=run.train.checkpoint_every,
+                                       keep=run.train.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None and latest >= run.train.num_steps:
+    checkpointer.close()
+    if lock is not None:
+      lock.release()
+    stop.restore()
+    return None
+
   mesh = sharding.make_mesh(run.mesh, devices)
   tokenizer = load_tokenizer(run)
   reward_fn = rewards_lib.make_reward_fn(run.rewards)
@@ -438,17 +588,25 @@ def open_loop(run: RunConfig, workdir: str, devices=None) -> Loop:
 
   setup, state, abstract_state = init_state(run, mesh, tokenizer, workdir)
   steps = Steps(setup)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       save_every=run.train.checkpoint_every,
-                                       keep=run.train.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, data_state = checkpointer.restore(start, abstract_state, run)
+
+  def set_data_state(data_state):  # A fresh iterator per attempt: a refused state leaves none.
+    nonlocal data_iter
+    data_iter = iter(dataset)
     data_iter.set_state(data_state)
+
+  start = 0
+  restored = checkpointer.restore_latest(abstract_state, run, set_data_state)
+  if restored is not None:
+    start, state = restored
     logging.info("resumed from step %d of %s", start, workdir)
-  start = start or 0
-  if is_main:
-    ckpt_lib.dump_json(os.path.join(workdir, "config.json"), ckpt_lib.config_to_json(run))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    missing = metrics_lib.missing_steps(metrics_path,
+                                        [t + 1 for t in range(start) if _logged(run, t)])
+    if missing and is_main:
+      ckpt_lib.warn(f"{metrics_path} has no rows for steps {metrics_lib.ranges(missing)} "
+                    f"(deleted or truncated?): those steps stay missing from the curves")
+  if is_main:  # What the user wrote (resolved): `--config` can read it back.
+    ckpt_lib.dump_json(os.path.join(workdir, "config.json"), user_config(run))
 
   writer = metrics_lib.MetricsWriter(workdir, total_steps=run.train.num_steps, initial_step=start,
                                      progress_bar=run.train.progress_bar)
@@ -459,7 +617,7 @@ def open_loop(run: RunConfig, workdir: str, devices=None) -> Loop:
     data_log = open(data_log_path, "a")
   return Loop(run=run, workdir=workdir, setup=setup, steps=steps, state=state,
               data_iter=data_iter, reward_fn=reward_fn, checkpointer=checkpointer, writer=writer,
-              data_log=data_log, start=start, stop=_StopRequest(), saved=start)
+              data_log=data_log, start=start, stop=stop, lock=lock, saved=start)
 
 
 def run(run_config: RunConfig, workdir: str, *, devices=None,
@@ -475,12 +633,20 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
 
   Returns:
     The metrics of the last step.
+
+  Raises:
+    Preempted: SIGTERM or SIGINT arrived; the step it arrived in was finished and checkpointed.
+    NonFiniteError: `train.max_nonfinite_steps` steps in a row were skipped as non-finite.
   """
   loop = open_loop(run_config, workdir, devices)
+  if loop is None:
+    return _already_complete(run_config, workdir)
   num_steps = run_config.train.num_steps
   end = num_steps if stop_after is None else min(num_steps, loop.start + stop_after)
   try:
     for step in range(loop.start, end):
+      if loop.stop.requested:  # Arrived during set-up: nothing new to save.
+        break
       s = StepData(step=step)
       with loop.failure_guard(step):
         next_batch(loop, s)
@@ -488,15 +654,18 @@ def run(run_config: RunConfig, workdir: str, *, devices=None,
         score(loop, s)
         assemble(loop, s)
         update_policy(loop, s)
-        record(loop, s)
+        record(loop, s, last_step=step + 1 == end)
         export_and_evaluate(loop, s)
         checkpoint(loop, s, last_step=step + 1 == end)
       if loop.stop.requested:
-        logging.warning("stop requested (SIGTERM): checkpointed step %d, exiting", step + 1)
         break
     loop.flush_metrics()
   finally:
     loop.close()
+  if loop.stop.requested:
+    raise Preempted(f"stopped by {loop.stop.signal_name} at step {loop.saved}/{num_steps}, "
+                    f"checkpointed in {loop.checkpointer.directory}; rerun the same command to "
+                    f"resume")
   finish(loop)
   return loop.last
 
@@ -531,7 +700,7 @@ def rollout(loop: Loop, s: StepData) -> None:
 
 
 def score(loop: Loop, s: StepData) -> None:
-  """Rewards on the host that holds the text (+ DAPO's overlong penalty)."""
+  """Rewards on the host that holds the text (+ DAPO's overlong penalty; ReMax's baseline)."""
   run, out, batch = loop.run, s.out, s.batch
   completions_h, cmask_h = s.completions_h, s.cmask_h
   g = run.rollout.group_size
@@ -550,7 +719,25 @@ def score(loop: Loop, s: StepData) -> None:
     components["overlong"] = pen
   s.texts, s.lengths_h = texts, lengths_h
   s.rewards, s.comps = host.to_global((rewards_h, components), loop.mesh)
+  if run.rl.estimator == "remax":
+    s.baseline = host.to_global(np.repeat(greedy_rewards(loop, s), g), loop.mesh)
   s.times["reward"] = time.perf_counter()
+
+
+def greedy_rewards(loop: Loop, s: StepData) -> np.ndarray:
+  """ReMax's baseline: the reward of each prompt's greedy response (this host's prompts)."""
+  import math
+  run = loop.run
+  # Greedy rows of a prompt are identical: sample the fewest copies the mesh can split, keep one.
+  multiple = sharding.batch_size_multiple(loop.mesh)
+  copies = multiple // math.gcd(run.data.batch_size, multiple)
+  out = loop.steps.sample(loop.setup.policy_state(loop.state.params), s.prompt_ids, s.prompt_mask,
+                          jax.random.fold_in(s.step_key, 7), group_size=copies, temperature=0.0)
+  texts = getattr(out, "texts", None) or host.decode(loop.tokenizer, host.to_host(out.tokens),
+                                                     host.to_host(out.mask))
+  examples = [host.example(s.batch, i) for i in range(len(s.batch["prompt_text"]))]
+  rw = loop.reward_fn(list(s.batch["prompt_text"]), list(texts)[::copies], examples)
+  return np.asarray(rw.total, np.float32)
 
 
 def assemble(loop: Loop, s: StepData) -> None:
@@ -559,7 +746,7 @@ def assemble(loop: Loop, s: StepData) -> None:
   info_mask = getattr(out, "info_mask", None)
   s.info_mask = jnp.zeros_like(out.mask) if info_mask is None else info_mask
   s.train_batch, s.gstats = steps.assemble(s.prompt_ids, s.prompt_mask, out.tokens, out.mask,
-                                           s.info_mask, s.rewards)
+                                           s.info_mask, s.rewards, s.baseline)
   s.roll_metrics = steps.rollout_metrics(s.rewards, s.comps, s.train_batch["advantages"], out.mask,
                                          out.truncated, s.gstats["zero_spread_frac"])
   tb = s.train_batch
@@ -595,14 +782,29 @@ def update_policy(loop: Loop, s: StepData) -> None:
     for mb in minibatches:
       state, m = steps.train_step(state, mb)
       s.upd_metrics.append(m)
-  loop.state = steps.finish_step(state)
+  # Wait for the update before reading the clock: dispatch returns at once, and the time would
+  # otherwise be paid (and logged) somewhere else. An error in the update surfaces here too.
+  loop.state = jax.block_until_ready(steps.finish_step(state))
   s.times["update"] = time.perf_counter()
 
 
-def record(loop: Loop, s: StepData) -> None:
-  """Writes the previous step's metrics (its arrays are ready by now); this step's wait."""
+def record(loop: Loop, s: StepData, *, last_step: bool) -> None:
+  """Stops a run whose updates keep being non-finite; queues this step's metrics row (written
+  one step late) when the step is logged, and writes the previous one."""
   run, t = loop.run, s.times
+  skipped = any(float(m["skipped_update"]) > 0 for m in s.upd_metrics)  # Ready: the update is.
+  loop.nonfinite_streak = loop.nonfinite_streak + 1 if skipped else 0
+  limit = run.train.max_nonfinite_steps
+  if limit and loop.nonfinite_streak >= limit:
+    raise NonFiniteError(
+        f"config.train.max_nonfinite_steps: the update of {loop.nonfinite_streak} steps in a row "
+        f"(up to step {s.step + 1}) had a non-finite loss or gradient and was skipped; stopped. "
+        f"The last checkpoint in {loop.checkpointer.directory} (step {loop.saved}) is kept; lower "
+        f"optim.learning_rate or check the rewards")
   loop.flush_metrics()
+  loop.writer.advance()
+  if not (_logged(run, s.step) or last_step):
+    return
   n_updates = loop.updates_per_step
   lr = update.learning_rate_schedule(run.optim, run.train.num_steps * n_updates)(
       max((s.step + 1) * n_updates - 1, 0))
@@ -615,7 +817,6 @@ def record(loop: Loop, s: StepData) -> None:
       **{k if k.startswith("search/") else f"search/{k}": float(v)
          for k, v in (getattr(s.out, "metrics", None) or {}).items()},
   })
-  loop.writer.advance()
 
 
 def export_and_evaluate(loop: Loop, s: StepData) -> None:
@@ -651,20 +852,108 @@ def checkpoint(loop: Loop, s: StepData, *, last_step: bool) -> None:
 
 
 def finish(loop: Loop) -> None:
-  """After the loop: the final export and the reward-curve PNG."""
+  """After the loop: the final export (of a finished run only), the reward-curve PNG, a summary."""
   run, workdir = loop.run, loop.workdir
-  if run.train.final_export and loop.state is not None:
-    export_model(loop.setup, loop.state, os.path.join(workdir, f"{run.train.final_export}_export"),
-                 run.train.final_export)
-  if jax.process_index() == 0 and os.path.exists(loop.writer.path):
-    rows = metrics_lib.read_metrics(loop.writer.path)
-    metrics_lib.plot_curves(rows, ("reward/mean", "eval/greedy_mean_reward"),
-                            os.path.join(workdir, "reward_curve.png"), title="GRPO reward")
+  finished = loop.saved >= run.train.num_steps
+  export_path = None
+  if run.train.final_export and finished:
+    export_path = export_model(loop.setup, loop.state,
+                               os.path.join(workdir, f"{run.train.final_export}_export"),
+                               run.train.final_export)
+  if jax.process_index() != 0 or not os.path.exists(loop.writer.path):
+    return
+  rows = metrics_lib.read_metrics(loop.writer.path)
+  curve = metrics_lib.plot_curves(rows, ("reward/mean", "eval/greedy_mean_reward"),
+                                  os.path.join(workdir, "reward_curve.png"), title="GRPO reward")
+  print(summary(loop, rows, curve, export_path), flush=True)
+
+
+def summary(loop: Loop, rows: list[dict], curve: str, export_path: str | None) -> str:
+  """The end-of-run lines: steps, final reward, evaluation, where everything is."""
+  run = loop.run
+  minutes, seconds = divmod(int(time.perf_counter() - loop.t_start), 60)
+  head = (f"done: step {loop.saved}/{run.train.num_steps}"
+          f"{' (run finished)' if loop.saved >= run.train.num_steps else ''}, "
+          f"{loop.saved - loop.start} steps in {minutes}m{seconds:02d}s")
+  rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
+  if rewards:
+    tail = rewards[-10:]
+    head += f"; final reward {rewards[-1]:.3g} (mean of the last {len(tail)}: {np.mean(tail):.3g})"
+  evals = [r for r in rows if "eval/greedy_accuracy" in r]
+  if evals:
+    e = evals[-1]
+    passk = [k for k in e if k.startswith("eval/pass@")]
+    head += (f"; eval at step {e['step']}: greedy accuracy {e['eval/greedy_accuracy']:.3g}"
+             + (f", {passk[0][5:]} {e[passk[0]]:.3g}" if passk else ""))
+  lines = [head, f"  checkpoints: {loop.checkpointer.directory}",
+           f"  metrics: {loop.writer.path} (TensorBoard: {os.path.join(loop.workdir, 'tensorboard')})",
+           f"  reward curve: {curve}"]
+  if run.train.export_every:
+    lines.append(f"  advantage exports: {os.path.join(loop.workdir, 'export')} "
+                 f"(python -m grpo_jax.inspect {loop.workdir})")
+  if export_path:
+    lines.append(f"  {run.train.final_export} export: {export_path}")
+  return "\n".join(lines)
+
+
+def _already_complete(run: RunConfig, workdir: str) -> dict[str, float]:
+  """A rerun on a finished workdir: says so, returns the last metrics row, compiles nothing."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = metrics_lib.read_metrics(path) if os.path.exists(path) else []
+  if jax.process_index() == 0:
+    print(f"already complete: {workdir} holds a checkpoint of step {run.train.num_steps}/"
+          f"{run.train.num_steps}; nothing to do (raise --config.train.num_steps to train on)",
+          flush=True)
+  return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def _due(every: int, step: int) -> bool:
   """Whether a periodic action (every `every` steps, 0 = never) falls on 0-based `step`."""
   return bool(every) and (step + 1) % every == 0
+
+
+def _logged(run: RunConfig, step: int) -> bool:
+  """Whether 0-based `step` writes a metrics row: every `log_every` steps, at evaluations and at
+  the last step."""
+  return (_due(run.train.log_every, step) or step + 1 == run.train.num_steps
+          or (_due(run.train.eval_every, step) and bool(run.data.eval_split)))
+
+
+def _intact(state: Any) -> bool:
+  """Whether every array of `state` is still there and computed (not donated to a failed update)."""
+  try:
+    leaves = jax.tree.leaves(state)
+    if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
+      return False
+    jax.block_until_ready(state)
+    return True
+  except Exception:  # noqa: BLE001 -- an array whose computation failed raises here.
+    return False
+
+
+def _quietly(fn, what: str) -> bool:
+  """Runs `fn` while handling another failure: its own failure is one logged line, not a second
+  traceback. Returns whether it succeeded."""
+  try:
+    fn()
+    return True
+  except Exception as e:  # noqa: BLE001
+    logging.error("%s failed too: %s", what, _one_line(e))
+    return False
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """Whether `e` (or an exception it was raised from) is a full disk or exceeded quota."""
+  import errno
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def export_model(setup: Setup, state: update.TrainState, path: str, kind: str) -> str:
@@ -685,25 +974,43 @@ def export_model(setup: Setup, state: update.TrainState, path: str, kind: str) -
   return path
 
 
-class _StopRequest:
-  """Turns SIGTERM (preemption, scancel) into a checkpoint at the end of the current step."""
+class StopRequest:
+  """SIGTERM (preemption, scancel) or SIGINT (Ctrl-C) -> a checkpoint at the end of the current
+  step, then `Preempted` (exit status `EXIT_PREEMPTED`). A second signal ends the process at once
+  (status 128 + signal number), whatever the loop is waiting for: finished checkpoints are
+  complete on disk whenever that happens (Orbax renames a checkpoint into place only once written).
+  """
 
   def __init__(self):
     import signal
     import threading
     self.requested = False
-    self._previous = None
+    self.signal_name = ""
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
+    import signal
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested:
+      # os.write: a signal handler may interrupt a print in progress; os._exit: no cleanup that
+      # could wait on the very thing that is stuck.
+      os.write(2, f"error: second {name}: exiting now without waiting for the step to end\n"
+               .encode())
+      os._exit(128 + signum)
     self.requested = True
+    self.signal_name = name
+    os.write(2, f"{name}: finishing this step and checkpointing (send it again to exit at once)\n"
+             .encode())
 
   def restore(self):
     import signal
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
 
 def _retrieved_text(out) -> list[str] | None:
@@ -735,24 +1042,112 @@ def main(argv) -> None:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if not flags.FLAGS.workdir:
     sys.exit("error: --workdir: required (where checkpoints, metrics and exports go)")
+  _quiet_libraries(flags.FLAGS["verbosity"].present)
   from grpo_jax import distributed
   distributed.initialize()
   from grpo_jax.rewards import RewardError
   from grpo_jax.rollout.retriever_client import RetrieverError
+  workdir = flags.FLAGS.workdir
   try:
     run_config = resolve(flags.FLAGS.config, num_devices=jax.device_count())
-    preflight(run_config, flags.FLAGS.workdir)
-    run(run_config, flags.FLAGS.workdir)
-  except ConfigError as e:
+    preflight(run_config, workdir)
+    run(run_config, workdir)
+  except Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
+  except (ConfigError, ckpt_lib.CheckpointError, NonFiniteError) as e:
     sys.exit(f"error: {e}")
   except (RewardError, RetrieverError) as e:  # The finished steps are checkpointed by `run`.
     sys.exit(f"error: {str(e).splitlines()[0]}")
-  except jax.errors.JaxRuntimeError as e:
-    msg = distributed.peer_failure_message(e)
+  except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT (set-up, compile).
+    sys.exit("error: interrupted")
+  except Exception as e:  # noqa: BLE001 -- the failures a user can act on get one line.
+    msg = failure_message(e, workdir)
     if msg is None:
       raise
-    logging.error("%s", msg)
     sys.exit(f"error: {msg}")
+
+
+def failure_message(e: BaseException, workdir: str) -> str | None:
+  """One line for a full disk, an out-of-memory device or a lost peer process; None otherwise."""
+  from grpo_jax import distributed
+  if is_disk_full(e):
+    return (f"no space left on device (workdir {os.path.abspath(workdir)}): free space or use "
+            f"another --workdir, then rerun to resume from the last complete checkpoint")
+  if isinstance(e, jax.errors.JaxRuntimeError):
+    msg = distributed.peer_failure_message(e)
+    if msg is not None:
+      return msg
+    if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+      return (f"out of device memory ({' '.join(str(e).split())[:200]}); lower "
+              f"train.microbatch_size, or set model.remat=True; the last checkpoint in "
+              f"{os.path.join(os.path.abspath(workdir), 'checkpoints')} is kept")
+  return None
+
+
+def _quiet_libraries(verbose: bool) -> None:
+  """Library INFO chatter (Orbax writes ~50 lines per save) off unless --verbosity is given."""
+  if verbose:
+    return
+  import logging as py_logging
+  logging.set_verbosity(logging.WARNING)
+  # Orbax reports a failed async save from its threads (a traceback per thread) and then raises
+  # the same error in the loop, which prints one line for it: keep only that line.
+  logging.get_absl_handler().addFilter(
+      lambda record: "/orbax/" not in record.pathname.replace(os.sep, "/")
+      or record.levelno >= py_logging.CRITICAL)
+  for name in ("absl", "orbax", "jax", "grain", "transformers", "tensorflow_datasets"):
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    import transformers
+    transformers.logging.set_verbosity_error()
+  except ImportError:
+    pass
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every bad `--config` (missing file, unknown variant, unknown
+  field, bad value) as one line instead of a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    flags.FLAGS.config.to_dict()  # config_flags loads the file lazily: fail here, not in `main`.
+    return rest
+  except Exception as e:  # noqa: BLE001 -- config_flags raises whatever the config file raises.
+    sys.exit(f"error: {_flag_error(e, argv)}")
+
+
+def _flag_error(e: BaseException, argv: list[str]) -> str:
+  """One line for a command-line error: the flag, and what is wrong with it."""
+  import difflib
+  from grpo_jax.config import load_config
+  import ml_collections
+  path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if path is not None:
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+      return f"--config: no such file {file!r}"
+    try:
+      config = load_config(path)
+    except Exception as load_error:  # noqa: BLE001 -- the config file itself fails.
+      text = str(load_error)
+      if "Traceback" in text:  # config_flags wraps the config file's own exception.
+        text = [line for line in text.strip().splitlines() if line.strip()][-1]
+      return f"--config={path}: {text.strip()}"
+    for arg in argv[1:]:
+      if not arg.startswith("--config."):
+        continue
+      node, walked = config, "config"
+      for part in arg[len("--"):].split("=", 1)[0].split(".")[1:]:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+          keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+          close = difflib.get_close_matches(part, keys, n=1)
+          hint = f"did you mean {close[0]!r}?" if close else (
+              f"known: {', '.join(sorted(keys))}" if keys else f"{walked} is not a section")
+          return f"{arg.split('=', 1)[0]}: {walked} has no field {part!r} ({hint})"
+        node, walked = node[part], f"{walked}.{part}"
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return text[len("flag "):] if text.startswith("flag ") else text
 
 
 def define_flags() -> None:
@@ -765,4 +1160,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

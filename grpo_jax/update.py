@@ -194,8 +194,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  # A skipped update keeps the moments, but the schedule's counter still advances: the learning
+  # rate stays a function of the update index (else every skip would delay the schedule by one).
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  new_opt_state = jax.tree.map(lambda new, old: new if is_schedule(new) else keep(new, old),
+                               new_opt_state, state.opt_state, is_leaf=is_schedule)
   state = state.replace(params=keep(new_params, state.params),
-                        opt_state=keep(new_opt_state, state.opt_state),
+                        opt_state=new_opt_state,
                         skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics["grad_norm"] = grad_norm
   metrics["skipped_update"] = (~finite).astype(jnp.float32)
