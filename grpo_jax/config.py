@@ -324,7 +324,7 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
                                 "serve a JSONL corpus with the built-in BM25 server")
     if search.local_corpus and not os.path.isfile(search.local_corpus):
       raise _fail("search.local_corpus", f"no such file {search.local_corpus!r} (a JSONL corpus "
-                                         f"of {{\"id\", \"contents\"}})")
+                                         f"of {{\"contents\"}} rows, \"id\" optional)")
     if search.url and not search.url.startswith(("http://", "https://")):
       raise _fail("search.url", f"expected an http(s) URL ending in /retrieve, got {search.url!r}")
     for f in ("topk", "max_turns", "max_turn_tokens", "max_obs_tokens"):
