@@ -280,7 +280,10 @@ class SearchRollouts:
     self.config = search_rollout.SearchRolloutConfig(
         max_turns=cfg.max_turns, max_response_tokens=r.max_new_tokens,
         max_turn_tokens=min(cfg.max_turn_tokens, r.max_new_tokens),
-        max_obs_tokens=cfg.max_obs_tokens, max_doc_chars=cfg.max_doc_chars or None, topk=cfg.topk)
+        max_obs_tokens=cfg.max_obs_tokens, max_doc_chars=cfg.max_doc_chars or None, topk=cfg.topk,
+        max_sampled_tokens=cfg.max_sampled_tokens or None,
+        max_obs_total_tokens=cfg.max_obs_total_tokens or None,
+        eos_without_action=cfg.eos_without_action)
     self.setup = setup
 
   def __call__(self, policy_state, prompt_ids, prompt_mask, key, **overrides):
