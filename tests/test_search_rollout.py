@@ -150,26 +150,71 @@ def test_generator_contract_is_checked(server):
     SearchRolloutConfig(max_turn_tokens=0)
 
 
-def test_loss_gradient_ignores_retrieved_tokens(server):
-  """A masked token-mean policy loss does not see retrieved tokens: zero gradient, and changing
-  their log-probs or count changes nothing."""
-  r, _, _ = _run(server, ByteTokenizer())
-  mask = jnp.asarray(r.loss_mask, jnp.float32)
-  adv = jnp.asarray(np.arange(1, mask.shape[0] + 1) * 0.5 - 1.25, jnp.float32)  # none is 0
-
-  def loss(logp_NxR):
-    return -(logp_NxR * adv[:, None] * mask).sum() / mask.sum()
-
-  logp = jnp.asarray(np.random.default_rng(0).normal(size=mask.shape), jnp.float32)
-  grad = jax.grad(loss)(logp)
-  info = jnp.asarray(r.info_mask, bool)
+@pytest.mark.slow
+@pytest.mark.parametrize("agg_mode, ratio_level", [("token-mean", "token"),
+                                                   ("seq-mean-token-mean", "sequence")])
+def test_trainer_loss_ignores_retrieved_tokens(server, agg_mode, ratio_level):
+  """The trainer's own loss path (train.assemble_batch -> update.loss_fn / update.train_step) on a
+  real search rollout: perturbing the retrieved tokens' old and reference log-probs changes the
+  gradient, and the updated parameters, by exactly 0; the same perturbation on sampled tokens
+  does change them. (Advantages are one per sequence in this trainer, `losses.policy_loss`
+  refuses per-token ones: a retrieved token has no advantage of its own to perturb.)"""
+  from flax import nnx
+  from grpo_jax import losses, train, update
+  from grpo_jax.config import OptimConfig, RLConfig
+  from grpo_jax.models import Decoder
+  from grpo_jax.testing.models import tiny_config
+  tok = ByteTokenizer()
+  r, _, _ = _run(server, tok, max_response_tokens=320, max_obs_tokens=100)
+  N, R = r.response_ids.shape
   assert r.info_mask.sum() > 0
-  assert float(jnp.abs(jnp.where(info, grad, 0)).max()) == 0.0
-  assert float(jnp.abs(jnp.where(mask > 0, grad, 0)).min(where=mask > 0, initial=1.0)) > 0
-  perturbed = jnp.where(info, logp + 100.0, logp)
-  assert float(loss(perturbed)) == pytest.approx(float(loss(logp)), rel=1e-6)
-  # The aggregation length counts sampled tokens only.
-  assert int(mask.sum()) == int(r.response_mask.sum() - r.info_mask.sum())
+  prompt = np.array([tok.encode("question: where? ")], np.int32)
+  batch, _ = train.assemble_batch(
+      jnp.asarray(prompt), jnp.ones_like(jnp.asarray(prompt)), jnp.asarray(r.response_ids),
+      jnp.asarray(r.response_mask), jnp.asarray(r.info_mask),
+      jnp.asarray([1.0, 0.0, 0.5, 0.0, 1.0], jnp.float32), group_size=N, num_groups=1,
+      estimator="grpo", adv_eps=1e-6, filter_zero_std=False, kl_on_filtered=True)
+  model = Decoder(tiny_config("qwen2", vocab_size=258), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  logp = update.response_logprobs(graphdef, params, batch["tokens"], batch["attn_mask"], R)
+  noise = jnp.asarray(np.random.default_rng(0).normal(scale=0.3, size=(N, R)), jnp.float32)
+  batch["old_logp"] = logp + noise  # off-policy: ratios away from 1, some clipped
+  batch["ref_logp"] = logp - noise
+  rl = RLConfig(loss=losses.LossConfig(agg_mode=agg_mode, ratio_level=ratio_level, kl_coef=0.1,
+                                       entropy_coef=0.01, max_len=R))
+  info = jnp.asarray(r.info_mask, bool)
+  sampled = jnp.asarray(r.loss_mask, bool)
+
+  def perturbed(where):
+    return {**batch, "old_logp": jnp.where(where, batch["old_logp"] + 7.0, batch["old_logp"]),
+            "ref_logp": jnp.where(where, batch["ref_logp"] - 5.0, batch["ref_logp"])}
+
+  @jax.jit
+  def grads(b):
+    g = jax.grad(lambda p: update.loss_fn(p, graphdef, b, rl, R,
+                                          update.minibatch_denominators(b, rl), 1.0)[0])(params)
+    return jax.tree.leaves(g)
+
+  base = grads(batch)
+  for a, b in zip(base, grads(perturbed(info))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = grads(perturbed(sampled & (jnp.arange(R)[None, :] % 5 == 0)))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, changed))
+
+  # One optimizer step of update.train_step (2 micro-batches): bit-identical parameters.
+  tx = update.make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), 10)
+
+  @jax.jit
+  def step(b):
+    state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                              rng=jax.random.PRNGKey(0), skipped=jnp.zeros((), jnp.int32))
+    b = {k: v[:4] for k, v in b.items()}  # 4 rows: 2 micro-batches of 2
+    new, _ = update.train_step(state, b, graphdef=graphdef, tx=tx, rl=rl, response_len=R,
+                               num_micro=2, temperature=1.0)
+    return jax.tree.leaves(new.params)
+
+  for a, b in zip(step(batch), step(perturbed(info))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.slow

@@ -459,14 +459,20 @@ def _assemble(rows: list[_Row], tokenizer: Tokenizer, config: SearchRolloutConfi
       texts=[_decode(tokenizer, r.ids) for r in rows], segments=[r.segments for r in rows],
       answers=[r.answer for r in rows], finish_reasons=finish, num_turns=num_turns,
       num_searches=num_searches, num_valid_actions=num_valid,
-      metrics=search_metrics(num_turns, num_searches, num_valid, finish, response_mask_NxR,
-                             info_NxR))
+      metrics=search_metrics(num_turns, num_searches, num_valid, finish,
+                             response_mask_NxR.sum(axis=1),
+                             (info_NxR * response_mask_NxR).sum(axis=1)))
 
 
 def search_metrics(num_turns: np.ndarray, num_searches: np.ndarray, num_valid: np.ndarray,
-                   finish_reasons: Sequence[str], response_mask: np.ndarray,
-                   info_mask: np.ndarray) -> dict[str, float]:
-  """Scalar rollout metrics.
+                   finish_reasons: Sequence[str], num_response_tokens: np.ndarray,
+                   num_forced_tokens: np.ndarray) -> dict[str, float]:
+  """Scalar rollout metrics from per-row counts (so that several processes can pool their rows).
+
+  Args:
+    num_turns, num_searches, num_valid: [N] per-row counts (:class:`SearchRolloutResult`).
+    finish_reasons: N finish reasons.
+    num_response_tokens, num_forced_tokens: [N] response tokens, and forced tokens among them.
 
   Returns:
     ``search/turns`` (mean generations per rollout), ``search/searches_per_rollout``,
@@ -483,8 +489,8 @@ def search_metrics(num_turns: np.ndarray, num_searches: np.ndarray, num_valid: n
       "search/valid_action_rate": float(num_valid.sum()) / total_turns,
       "search/valid_search_rate": float(num_searches.sum()) / total_turns,
       "search/answer_rate": sum(f == "answer" for f in finish_reasons) / n,
-      "search/retrieved_token_share": float((info_mask * response_mask).sum())
-                                      / max(int(response_mask.sum()), 1),
+      "search/retrieved_token_share": float(np.sum(num_forced_tokens))
+                                      / max(int(np.sum(num_response_tokens)), 1),
   }
   for reason in ("answer", "eos", "length", "max_turns"):
     metrics[f"search/finish_{reason}"] = sum(f == reason for f in finish_reasons) / n
