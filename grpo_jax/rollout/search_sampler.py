@@ -160,7 +160,7 @@ def _fetch(tree: Any) -> Any:
   """Device arrays -> NumPy, whole on every process (a global array is gathered first)."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def allgather_objects(obj: Any) -> list[Any]:
