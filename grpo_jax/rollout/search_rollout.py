@@ -6,11 +6,13 @@ The loop (Search-R1's ``LLMGenerationManager.run_llm_loop``, re-derived)::
     out = generate_turn(TurnRequest(active rows, observation tokens to force, budgets))
     per row: cut the new tokens after the first </search> / </answer> (or at EOS), parse the action
       answer  -> row done
+      EOS before any action -> row done ("end"), or EOS dropped and invalid ("invalid")
       search  -> query queued (on the last turn nothing is executed: row done)
       invalid -> corrective observation (on the last turn: row done)
     ONE retriever call with the queued queries of all rows
     per searching row: "\\n\\n<information>Doc 1(Title: ..) ..</information>\\n\\n", tokenised,
-      cut to max_obs_tokens and to the remaining response budget, appended with info_mask = 1
+      cut to the observation budgets and to the remaining response budget, appended with
+      info_mask = 1   (budgets and their truncation counts: SearchRolloutConfig)
 
 The generator contract (what the real KV-cache sampler must implement as `generate_turn`):
 

@@ -45,6 +45,17 @@ F_max = observation cap + 1), enough for the worst turn after a compaction. Comp
 prefill once per (B, P_b); `_compact`, `append` and `decode` once per row bucket (log2(B*G)) and
 observation width bucket; nothing depends on the data otherwise.
 
+Several processes: each passes its own prompts (rows [p*N/np, (p+1)*N/np) of the batch, the
+layout of `host.to_host`) and runs `run_search_rollout` over its own rows, so text, stop checks,
+answers and retrieval calls stay on the process that owns the prompts. The cache, its compaction
+and every decode chunk are global SPMD programs over the whole batch, so all processes must make
+the same calls with the same shapes: the generator gathers every process's `TurnRequest` into one
+(`allgather_objects`) and every decode chunk's ids to every process (`_fetch`), and each process
+then runs the single-process bookkeeping of the *whole* batch, identically; the rollout loop runs
+in lockstep (an empty request once a process's rows are done). The result is that of one process
+holding the whole batch (same layout, same random draws), returned as global arrays with this
+process's texts; the metrics are pooled over all rows (`_pooled_metrics`).
+
 Counters (for the cost of the cache vs re-prefilling): `num_prefill_tokens` (B * P_b prompt slots
 run once), `num_append_tokens` (slots run by `append`, padding included), `num_decode_tokens`
 (rows x steps of the decode chunks, padding rows included), `num_append_real_tokens` (without
@@ -449,7 +460,8 @@ def search_generate(graphdef: nnx.GraphDef, params: Any, prompt_ids_BxP: Any,
 
   Args:
     graphdef, params: `nnx.split(model)` of a `grpo_jax.models.Decoder`.
-    prompt_ids_BxP, prompt_mask_BxP: int [B, P] prompts (left-padded) and their masks.
+    prompt_ids_BxP, prompt_mask_BxP: int [B, P] prompts (left-padded) and their masks; with
+      several processes, this process's prompts (the same B and P on every process).
     rng: PRNG key; the same key gives the same output.
     group_size: G, rollouts per prompt; rows are ordered a a a b b b.
     tokenizer: encodes observations, decodes sampled text; its `eos_token_id` must equal
