@@ -98,7 +98,8 @@ class SearchSampleOutput:
     info_mask: int32 [N, R], 1 on forced (retrieved / corrective) tokens.
     logprobs: float32 [N, R] sampling log-probs of sampled tokens; 0 on forced tokens and padding.
     truncated: bool [N], the row ended by spending its response budget.
-    texts: N decoded responses (special tokens skipped).
+    texts: decoded responses (special tokens skipped) of this process's rows (all N on one
+      process); `segments`, `answers` and `finish_reasons` likewise.
     segments: per row, the response as (text, is_retrieved) pieces, for export.
     answers: per row the content of the answer action, or None.
     finish_reasons: per row "answer", "eos", "length" or "max_turns".
