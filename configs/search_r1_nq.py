@@ -31,9 +31,13 @@ def get_config(arg: str | None = None):
   c.data.max_prompt_len = 512  # tokens.
   c.data.length_buckets = (256, 512)  # tokens.
   c.data.batch_size = 512  # prompts per step (Search-R1: train_batch_size 512).
-  c.rewards = (("search_r1", 1.0, {}),)  # EM on the extracted answer.
+  # EM on the extracted answer (Search-R1 main_ppo: v0.1/v0.2 and the root train_grpo.sh); its
+  # v0.3 runs use ("search_r1_format", 1.0, {}): 0.2 structure / 0.1 final-format credit.
+  c.rewards = (("search_r1", 1.0, {}),)
   c.rollout.group_size = 5  # G (Search-R1's GRPO runs use n_agent 5).
-  c.rollout.max_new_tokens = 1024  # response budget incl. retrieved tokens.
+  # Whole response, sampled + retrieved tokens (Search-R1 cuts it at max_prompt_length 4096):
+  # 5 turns x 500 sampled + 4 observations x 500 fit.
+  c.rollout.max_new_tokens = 4096
   c.rollout.temperature = 1.0
   c.rl.kl_coef = 0.001  # beta.
   c.rl.kl_kind = "low_var_kl"
@@ -56,9 +60,13 @@ def get_config(arg: str | None = None):
   c.search.local_corpus = ""  # or a JSONL corpus for the built-in BM25 server.
   c.search.topk = 3  # documents per search.
   c.search.max_turns = 4  # turns with search; one more without.
-  c.search.max_turn_tokens = 500  # Search-R1 max_response_length per turn.
-  c.search.max_obs_tokens = 500  # Search-R1 max_obs_length.
+  c.search.max_turn_tokens = 500  # sampled per turn (Search-R1 data.max_response_length).
+  c.search.max_obs_tokens = 500  # per observation (Search-R1 data.max_obs_length).
+  c.search.max_sampled_tokens = 0  # sampled in all (0 = only the response budget; as Search-R1).
+  c.search.max_obs_total_tokens = 0  # observation tokens in all (0 = only the response budget).
   c.search.max_doc_chars = 0  # 0 = no character cap.
+  c.search.eos_without_action = "invalid"  # Search-R1: EOS before an action gets the corrective
+                                           # observation ("end": the row ends there).
   c.search.timeout_s = 60.0  # per request (seconds).
   c.search.max_retries = 5  # then the run stops with its last checkpoint intact.
   c.search.backoff_s = 1.0  # first back-off (seconds), doubled each retry.

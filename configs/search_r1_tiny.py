@@ -62,7 +62,10 @@ def get_config(arg: str | None = None):
   c.search.max_turns = 2  # turns with search; one more without.
   c.search.max_turn_tokens = 48  # tokens sampled per turn.
   c.search.max_obs_tokens = 64  # retrieved tokens per observation (cut beyond).
+  c.search.max_sampled_tokens = 0  # sampled tokens in all (0 = only the response budget).
+  c.search.max_obs_total_tokens = 0  # observation tokens in all (0 = only the response budget).
   c.search.max_doc_chars = 0  # cap on document characters (0 = none).
+  c.search.eos_without_action = "end"  # EOS before an action ends the row ("invalid": Search-R1).
   c.search.timeout_s = 10.0  # per retriever request (seconds).
   c.search.max_retries = 2  # retries after the first attempt.
   c.search.backoff_s = 0.2  # first back-off (seconds), doubled each retry.

@@ -62,15 +62,20 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-  """Search-R1 multi-turn rollouts (off unless `enabled`)."""
+  """Search-R1 multi-turn rollouts (off unless `enabled`); budgets in tokens per rollout row,
+  0 = no cap of that kind (the response budget rollout.max_new_tokens always holds). See
+  `grpo_jax.rollout.search_rollout.SearchRolloutConfig` for the exact semantics."""
   enabled: bool = False
   url: str = ""
   local_corpus: str = ""
   topk: int = 3
   max_turns: int = 2
-  max_turn_tokens: int = 64
-  max_obs_tokens: int = 128
+  max_turn_tokens: int = 64  # sampled per turn
+  max_obs_tokens: int = 128  # per observation
+  max_sampled_tokens: int = 0  # sampled over the whole response
+  max_obs_total_tokens: int = 0  # observation tokens over the whole response
   max_doc_chars: int = 0
+  eos_without_action: str = "end"  # "end" (ours) | "invalid" (Search-R1)
   timeout_s: float = 30.0
   max_retries: int = 3
   backoff_s: float = 1.0
@@ -350,11 +355,17 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
                                 "serve a JSONL corpus with the built-in BM25 server")
     if search.local_corpus and not os.path.isfile(search.local_corpus):
       raise _fail("search.local_corpus", f"no such file {search.local_corpus!r} (a JSONL corpus "
-                                         f"of {{\"id\", \"contents\"}})")
+                                         f"of {{\"contents\"}} rows, \"id\" optional)")
     if search.url and not search.url.startswith(("http://", "https://")):
       raise _fail("search.url", f"expected an http(s) URL ending in /retrieve, got {search.url!r}")
     for f in ("topk", "max_turns", "max_turn_tokens", "max_obs_tokens"):
       _positive(f"search.{f}", getattr(search, f))
+    for f in ("max_sampled_tokens", "max_obs_total_tokens", "max_doc_chars"):
+      _positive(f"search.{f}", getattr(search, f), allow_zero=True)
+    if search.eos_without_action not in ("end", "invalid"):
+      raise _fail("search.eos_without_action",
+                  f"expected 'end' (ours: the row ends) or 'invalid' (Search-R1: a corrective "
+                  f"observation), got {search.eos_without_action!r}")
   if train.final_export == "peft" and not lora.enabled:
     raise _fail("train.final_export", "'peft' writes LoRA adapters: set lora.rank > 0 (or use 'hf')")
 

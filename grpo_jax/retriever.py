@@ -3,7 +3,9 @@
   python -m grpo_jax.retriever --corpus=corpus.jsonl --port=8000 [--host=127.0.0.1] [--topk=3]
 
 The corpus is JSONL, one ``{"id": ..., "contents": "Title\\ntext..."}`` per line (Search-R1's
-wiki-18 format: the first line of ``contents`` is the title). Ranking is BM25 (Lucene variant,
+wiki-18 format: the first line of ``contents`` is the title). ``"id"`` is optional, as for
+Search-R1's dense server: a row without one gets ``str(i)``, ``i`` its 0-based position among the
+corpus documents (blank lines not counted), which is the id FlashRAG's wiki-18 rows carry. Ranking is BM25 (Lucene variant,
 k1=1.5, b=0.75) from the ``bm25s`` library over lower-cased word tokens with English stop words
 removed. The API is that of Search-R1's ``retrieval_server.py``:
 
@@ -37,16 +39,21 @@ _STOPWORDS = "en"
 
 
 def load_corpus(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a JSONL corpus; every line must be an object with "id" and a str "contents".
+  """Reads a JSONL corpus; every line must be an object with a str "contents" (and maybe "id").
+
+  A row without "id" gets ``"id": str(i)``, ``i`` its 0-based position among the documents (as
+  FlashRAG numbers wiki-18); an id may not repeat, given or synthesised.
 
   Raises:
     FileNotFoundError: no file at `path`.
-    ValueError: a malformed line (names the file and the 1-based line number) or an empty corpus.
+    ValueError: a malformed line or a repeated id (names the file and the 1-based line number),
+      or an empty corpus.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"corpus: no such file {path!r}")
   docs = []
+  seen: dict[str, int] = {}  # id -> line, to refuse repeats
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
@@ -55,10 +62,17 @@ def load_corpus(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-      if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("contents"), str):
+      if not isinstance(row, dict) or not isinstance(row.get("contents"), str):
         raise ValueError(
-            f"{path}:{lineno}: expected an object with 'id' and a str 'contents', got "
-            f"{line.strip()[:120]}")
+            f"{path}:{lineno}: expected an object with a str 'contents' (and optionally 'id'), "
+            f"got {line.strip()[:120]}")
+      if "id" not in row:
+        row["id"] = str(len(docs))
+      key = str(row["id"])
+      if key in seen:
+        raise ValueError(f"{path}:{lineno}: id {row['id']!r} repeats line {seen[key]} (rows "
+                         f"without 'id' are numbered from 0 by position)")
+      seen[key] = lineno
       docs.append(row)
   if not docs:
     raise ValueError(f"corpus: {path!r} holds no documents")

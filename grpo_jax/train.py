@@ -273,7 +273,10 @@ class Steps:
 
 class SearchRollouts:
   """Search-R1 rollouts on the KV-cache sampler, against a retriever (remote, or the built-in
-  BM25 server started on 127.0.0.1 for `search.local_corpus`)."""
+  BM25 server started on 127.0.0.1 for `search.local_corpus`, one per process).
+
+  Its output's `texts` are this process's rows, in the order of this process's prompts (the
+  tensors are global arrays, as those of `sampling.generate`)."""
 
   def __init__(self, setup: Setup):
     from grpo_jax.rollout import retriever_client, search_rollout
@@ -291,7 +294,10 @@ class SearchRollouts:
     self.config = search_rollout.SearchRolloutConfig(
         max_turns=cfg.max_turns, max_response_tokens=r.max_new_tokens,
         max_turn_tokens=min(cfg.max_turn_tokens, r.max_new_tokens),
-        max_obs_tokens=cfg.max_obs_tokens, max_doc_chars=cfg.max_doc_chars or None, topk=cfg.topk)
+        max_obs_tokens=cfg.max_obs_tokens, max_doc_chars=cfg.max_doc_chars or None, topk=cfg.topk,
+        max_sampled_tokens=cfg.max_sampled_tokens or None,
+        max_obs_total_tokens=cfg.max_obs_total_tokens or None,
+        eos_without_action=cfg.eos_without_action)
     self.setup = setup
 
   def __call__(self, policy_state, prompt_ids, prompt_mask, key, **overrides):
@@ -301,6 +307,9 @@ class SearchRollouts:
     kwargs = dict(group_size=r.group_size, temperature=r.temperature, top_k=r.top_k,
                   top_p=r.top_p)
     kwargs.update(overrides)
+    # Each process drives the rollout rows of its own prompts (their text, their retrieval
+    # calls); the sampler runs the device work of the whole batch in step with the others.
+    prompt_ids, prompt_mask = host.to_host(prompt_ids), host.to_host(prompt_mask)
     return search_sampler.search_generate(
         setup.graphdef, policy_state, prompt_ids, prompt_mask, key, tokenizer=setup.tokenizer,
         retriever=self.client, config=self.config, eos_token_id=setup.tokenizer.eos_token_id,
@@ -706,6 +715,9 @@ def score(loop: Loop, s: StepData) -> None:
   g = run.rollout.group_size
   texts = getattr(out, "texts", None) or host.decode(loop.tokenizer, completions_h, cmask_h)
   prompts_rep = [p for p in batch["prompt_text"] for _ in range(g)]
+  # Search rollouts return this process's texts only: they pair with this process's
+  # prompts (and the rows of `completions_h`) one to one.
+  assert len(texts) == len(prompts_rep) == len(completions_h), (len(texts), len(prompts_rep))
   examples_rep = [host.example(batch, i) for i in range(len(batch["prompt_text"]))
                   for _ in range(g)]
   rw = loop.reward_fn(prompts_rep, texts, examples_rep)
@@ -814,7 +826,7 @@ def record(loop: Loop, s: StepData, *, last_step: bool) -> None:
       "throughput/tokens_per_s": float(s.lengths_h.sum()) * jax.process_count()
                                  / max(t["update"] - t["start"], 1e-9),
       "optim/learning_rate": float(lr),
-      **{k if k.startswith("search/") else f"search/{k}": float(v)
+      **{k if k.startswith(("search/", "time/")) else f"search/{k}": float(v)
          for k, v in (getattr(s.out, "metrics", None) or {}).items()},
   })
 
@@ -1014,11 +1026,12 @@ class StopRequest:
 
 
 def _retrieved_text(out) -> list[str] | None:
-  """Per response, the retrieved (loss-masked) text of a search rollout; None otherwise."""
-  segments = getattr(out, "segments", None)
-  if segments is None:
+  """Per response of the global batch, the retrieved (loss-masked) text of a search rollout
+  (every process's rows: all processes call it); None otherwise."""
+  if getattr(out, "segments", None) is None:
     return None
-  return ["".join(text for text, retrieved in row if retrieved) for row in segments]
+  from grpo_jax.rollout import search_sampler
+  return search_sampler.gather_retrieved_text(out)
 
 
 def _flush(writer: metrics_lib.MetricsWriter, pending) -> dict[str, float]:

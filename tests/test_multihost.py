@@ -36,13 +36,14 @@ _TIMING = ("time/", "throughput/")
 # ----------------------------------------------------------------------------------------------
 
 
-def launch_2x2(workdir, *overrides, logdir, cache_dir, env=None, wait=True):
-  """`launch/local.sh -n 2 -d 2` on the smoke config; returns the finished (or running) Popen."""
+def launch_2x2(workdir, *overrides, logdir, cache_dir, env=None, wait=True, config=SMOKE):
+  """`launch/local.sh -n 2 -d 2` on `config` (the smoke config by default); returns the finished
+  (or running) Popen."""
   # No persistent compilation cache (see tests/conftest.py): each process compiles for itself.
   del cache_dir
   full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
   proc = subprocess.Popen(
-      ["bash", LOCAL_SH, "-n", "2", "-d", "2", "-l", str(logdir), "--", SMOKE,
+      ["bash", LOCAL_SH, "-n", "2", "-d", "2", "-l", str(logdir), "--", config,
        f"--workdir={workdir}", *overrides],
       env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True)  # its own process group: a failed test can end all of it
@@ -63,10 +64,10 @@ def _tail(path, n=40):
   return f"--- {path}\n" + "".join(lines[-n:])
 
 
-def run_1x4(workdir, *overrides):
+def run_1x4(workdir, *overrides, config=SMOKE):
   """One process, 4 of the session's devices, parsed as `grpo_jax.train` parses flags."""
   devices = jax.devices()[:4]
-  cfg = resolve(load_config(SMOKE.removeprefix("--config="), *overrides),
+  cfg = resolve(load_config(config.removeprefix("--config="), *overrides),
                 num_devices=len(devices))
   train.preflight(cfg, str(workdir))
   return train.run(cfg, str(workdir), devices=devices)
@@ -241,6 +242,43 @@ def test_resume_across_layouts(runs):
     # Steps 3-4 have no eval figures here; the rest must match the uninterrupted run.
     no_eval = lambda rs: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rs]
     assert_same_metrics(no_eval(rows), no_eval(rows14), what, steps=[3, 4])
+
+
+# ----------------------------------------------------------------------------------------------
+# Search-R1 rollouts: each process drives its own rows (and retrieval calls)
+# ----------------------------------------------------------------------------------------------
+
+SEARCH = f"--config={ROOT}/configs/search_r1_tiny.py"
+
+
+@pytest.mark.slow
+def test_search_two_processes_match_one_process(tmp_path):
+  """configs/search_r1_tiny.py, 2 steps (eval, export, checkpoint at step 2): 2 processes x 2
+  devices, each with its own BM25 server and its own half of the rows, against 1 x 4."""
+  quick = ("--config.train.num_steps=2",)
+  wd22, wd14 = tmp_path / "search_2x2", tmp_path / "search_1x4"
+  launch_2x2(wd22, *quick, logdir=tmp_path / "logs", cache_dir=None, config=SEARCH)
+  run_1x4(wd14, *quick, config=SEARCH)
+  assert_same_params(read_state(wd22, 2), read_state(wd14, 2), "search 2x2 vs 1x4")
+  rows22, rows14 = read_jsonl(wd22 / "metrics.jsonl"), read_jsonl(wd14 / "metrics.jsonl")
+  assert [r["step"] for r in rows22] == [1, 2]
+  assert_same_metrics(rows22, rows14, "search 2x2 vs 1x4", steps=[1, 2])
+  for key in ("search/turns", "search/retrieved_token_share", "search/truncated_obs",
+              "eval/greedy_accuracy", "time/retrieval_s"):
+    assert key in rows22[-1], key
+  assert rows22[-1]["search/searches_per_rollout"] + rows22[-1]["search/valid_action_rate"] > 0
+  import pyarrow.parquet as pq
+  for name in ("step_000002.parquet", "step_000002_tokens.parquet"):
+    # Texts, retrieved text and masks of every process's rows, in batch order.
+    t22 = pq.read_table(wd22 / "export" / name).to_pandas()
+    t14 = pq.read_table(wd14 / "export" / name).to_pandas()
+    assert t22.shape == t14.shape, name
+    for col in t14.columns:
+      if t14[col].dtype.kind == "f":
+        np.testing.assert_allclose(t22[col], t14[col], rtol=1e-4, atol=1e-5, err_msg=col)
+      else:
+        assert t22[col].tolist() == t14[col].tolist(), f"{name}: column {col}"
+  assert "retrieved" in pq.read_table(wd22 / "export" / "step_000002.parquet").column_names
 
 
 # ----------------------------------------------------------------------------------------------

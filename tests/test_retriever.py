@@ -104,11 +104,27 @@ def test_load_corpus_errors(tmp_path):
   with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
     rt.load_corpus(bad)
   bad.write_text('{"id": 1, "text": "wrong field"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:1: expected an object with 'id'"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:1: expected an object with a str 'contents'"):
+    rt.load_corpus(bad)
+  bad.write_text('{"contents": "a"}\n{"id": "0", "contents": "b"}\n')  # "0" was synthesised
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: id '0' repeats line 1"):
     rt.load_corpus(bad)
   bad.write_text("\n")
   with pytest.raises(ValueError, match="no documents"):
     rt.load_corpus(bad)
+
+
+def test_corpus_rows_without_id_get_their_position(tmp_path):
+  """Search-R1's dense server needs no "id": rows without one are numbered by position."""
+  corpus = tmp_path / "noid.jsonl"
+  corpus.write_text('{"contents": "Apples\\nred fruit"}\n\n{"id": "x", "contents": "Pears\\ngreen"}\n'
+                    '{"contents": "Plums\\npurple fruit"}\n')
+  docs = rt.load_corpus(corpus)
+  assert [d["id"] for d in docs] == ["0", "x", "2"]
+  with rt.start_server(str(corpus)) as server:
+    client = RetrieverClient(RetrieverConfig(url=server.url, max_retries=0))
+    hits = client.retrieve(["purple plums"], topk=1)
+  assert hits[0][0]["document"] == {"id": "2", "contents": "Plums\npurple fruit"}
 
 
 def test_cli_serves_a_jsonl_corpus(tmp_path):

@@ -1,6 +1,8 @@
 """Rewards against hand-written cases and an independent SQuAD normaliser; the error paths."""
 
+import dataclasses
 import math
+import os
 import re
 import string
 import sys
@@ -117,7 +119,9 @@ def test_digits_reward_table():
 
 
 USER_MODULE = """
+import dataclasses
 import math
+import os
 def score(prompts, completions, examples, bonus=0.0):
   return [len(c) + bonus for c in completions]
 def wrong_length(prompts, completions, examples):
@@ -201,3 +205,109 @@ def test_mismatched_batch_lengths():
   fn = rw.make_reward_fn([("exact_match", 1.0)])
   with pytest.raises(ValueError, match="one entry per completion"):
     fn(["p"], ["a", "b"], [{"answer": "a"}])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward kwargs are checked against the signature before any work; Search-R1's presets
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    (("search_r1", 1.0, {"structure_format_scor": 0.2}),
+     r"^rewards\[0\] \('search_r1'\): unexpected kwarg 'structure_format_scor' \(accepted: match, "),
+    (("exact_match", 1.0, {"answer_tag": "a", "tag": "b"}),
+     r"^rewards\[0\] \('exact_match'\): unexpected kwarg 'tag' \(accepted: answer_tag, require_tag"),
+    (("my_rewards_mod:wrong_length", 1.0, {"bonus": 1.0}),
+     r"unexpected kwarg 'bonus' \(accepted: none\)"),
+    (("search_r1", 1.0, {"match": "f1"}), r"^rewards\[0\] \('search_r1'\): match: expected 'em'"),
+    (("search_r1", 1.0, {"score": "1"}), r"score: expected a number"),
+    (("search_r1", 1.0, {"format_score": 0.1, "retrieval_score": 0.1}),
+     r"format_score \(qa_em\) cannot be combined"),
+])
+def test_reward_kwargs_are_checked_before_any_call(user_module, spec, pattern):
+  with pytest.raises((TypeError, ValueError), match=pattern):
+    rw.make_reward_fn([spec])
+
+
+def test_bad_reward_kwarg_fails_preflight_in_one_line(tmp_path):
+  """The config path: the run stops before anything compiles, naming config.rewards."""
+  from grpo_jax import train
+  from grpo_jax.config import ConfigError, load_config, resolve
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = resolve(load_config(f"{root}/configs/default.py:smoke"))
+  cfg = dataclasses.replace(cfg, rewards=(("search_r1", 1.0, {"structure_format_scor": 0.2}),))
+  with pytest.raises(ConfigError) as e:
+    train.preflight(cfg, str(tmp_path))
+  msg = str(e.value)
+  assert msg.startswith("config.rewards: ") and "'structure_format_scor'" in msg
+  assert "\n" not in msg
+
+
+def test_user_function_kwargs_still_bind(user_module):
+  fn = rw.make_reward_fn([(f"{user_module}:score", 1.0, {"bonus": 2.0})])
+  assert fn(["p"], ["ab"], [{"answer": "x"}]).total.tolist() == [4.0]
+
+
+# Hand-computed Search-R1 cases. GOOD is a well-formed trajectory whose answer is "Paris" and whose
+# <information> holds the gold answer; each variant changes one thing.
+_GOOD = ("<think> t </think> <search> q </search>\n\n<information>Doc 1(Title: P) Paris city"
+         "</information>\n\n<think> t2 </think><answer> The Paris! </answer>")
+_CASES = {  # name -> completion (gold answer: "Paris")
+    "correct_well_formed": _GOOD,
+    "correct_malformed": _GOOD.replace("<think> t </think> ", ""),      # no think first
+    "wrong_well_formed_retrieved": _GOOD.replace("The Paris!", "Lyon"),
+    "wrong_well_formed": _GOOD.replace("The Paris!", "Lyon").replace("Paris city", "a city"),
+    "wrong_malformed": "<answer> Lyon </answer>",
+    "none_well_formed_prefix": "<think> t </think> <search> q </search>",  # no answer: malformed
+    "none_malformed": "Paris",
+    "substring": "<think> t </think><answer> Paris, France </answer>",  # well formed, not EM
+}
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    # Search-R1 main_ppo (qa_em, format_score=0): root train_*.sh, v0.1, v0.2, v0.3 validation.
+    ("search_r1", {}, dict(correct_well_formed=1.0, correct_malformed=1.0,
+                           wrong_well_formed_retrieved=0.0, wrong_well_formed=0.0,
+                           wrong_malformed=0.0, none_well_formed_prefix=0.0, none_malformed=0.0,
+                           substring=0.0)),
+    # Search-R1 v0.3 train_*_format.sh: main_ppo_format with 0.2 / 0.1 / 0.
+    ("search_r1_format", {}, dict(correct_well_formed=1.0, correct_malformed=0.8,
+                                  wrong_well_formed_retrieved=0.2, wrong_well_formed=0.2,
+                                  wrong_malformed=0.1, none_well_formed_prefix=0.0,
+                                  none_malformed=0.0, substring=0.2)),
+    # The same function through kwargs, with qa_em_format's commented retrieval score of 0.1.
+    ("search_r1", {"structure_format_score": 0.2, "final_format_score": 0.1,
+                   "retrieval_score": 0.1},
+     dict(correct_well_formed=1.0, correct_malformed=0.8, wrong_well_formed_retrieved=0.3,
+          wrong_well_formed=0.2, wrong_malformed=0.1, none_well_formed_prefix=0.0,
+          none_malformed=0.0, substring=0.2)),
+    # qa_em with a format score: a given but wrong answer earns it, no answer earns nothing.
+    ("search_r1", {"format_score": 0.1}, dict(correct_well_formed=1.0, correct_malformed=1.0,
+                                              wrong_well_formed_retrieved=0.1,
+                                              wrong_well_formed=0.1, wrong_malformed=0.1,
+                                              none_well_formed_prefix=0.0, none_malformed=0.0,
+                                              substring=0.1)),
+    # qa_em compute_score_subem.
+    ("search_r1_subem", {}, dict(correct_well_formed=1.0, correct_malformed=1.0,
+                                 wrong_well_formed_retrieved=0.0, wrong_well_formed=0.0,
+                                 wrong_malformed=0.0, none_well_formed_prefix=0.0,
+                                 none_malformed=0.0, substring=1.0)),
+])
+def test_search_r1_presets_hand_computed(name, kwargs, expected):
+  fn = rw.make_reward_fn([(name, 1.0, kwargs)])
+  names = list(_CASES)
+  out = fn([""] * len(names), [_CASES[n] for n in names], [{"answer": ["Paris"]}] * len(names))
+  got = dict(zip(names, out.components[name].tolist()))
+  assert got == pytest.approx(expected), got
+
+
+def test_search_r1_presets_are_the_published_settings():
+  from grpo_jax.rewards import search_r1
+  assert search_r1.PRESETS == {
+      "search_r1": {},
+      "search_r1_format": {"structure_format_score": 0.2, "final_format_score": 0.1,
+                           "retrieval_score": 0.0},
+      "search_r1_subem": {"match": "subem"},
+  }
+  for name in search_r1.PRESETS:
+    assert name in rw.REGISTRY

@@ -150,26 +150,71 @@ def test_generator_contract_is_checked(server):
     SearchRolloutConfig(max_turn_tokens=0)
 
 
-def test_loss_gradient_ignores_retrieved_tokens(server):
-  """A masked token-mean policy loss does not see retrieved tokens: zero gradient, and changing
-  their log-probs or count changes nothing."""
-  r, _, _ = _run(server, ByteTokenizer())
-  mask = jnp.asarray(r.loss_mask, jnp.float32)
-  adv = jnp.asarray(np.arange(1, mask.shape[0] + 1) * 0.5 - 1.25, jnp.float32)  # none is 0
-
-  def loss(logp_NxR):
-    return -(logp_NxR * adv[:, None] * mask).sum() / mask.sum()
-
-  logp = jnp.asarray(np.random.default_rng(0).normal(size=mask.shape), jnp.float32)
-  grad = jax.grad(loss)(logp)
-  info = jnp.asarray(r.info_mask, bool)
+@pytest.mark.slow
+@pytest.mark.parametrize("agg_mode, ratio_level", [("token-mean", "token"),
+                                                   ("seq-mean-token-mean", "sequence")])
+def test_trainer_loss_ignores_retrieved_tokens(server, agg_mode, ratio_level):
+  """The trainer's own loss path (train.assemble_batch -> update.loss_fn / update.train_step) on a
+  real search rollout: perturbing the retrieved tokens' old and reference log-probs changes the
+  gradient, and the updated parameters, by exactly 0; the same perturbation on sampled tokens
+  does change them. (Advantages are one per sequence in this trainer, `losses.policy_loss`
+  refuses per-token ones: a retrieved token has no advantage of its own to perturb.)"""
+  from flax import nnx
+  from grpo_jax import losses, train, update
+  from grpo_jax.config import OptimConfig, RLConfig
+  from grpo_jax.models import Decoder
+  from grpo_jax.testing.models import tiny_config
+  tok = ByteTokenizer()
+  r, _, _ = _run(server, tok, max_response_tokens=320, max_obs_tokens=100)
+  N, R = r.response_ids.shape
   assert r.info_mask.sum() > 0
-  assert float(jnp.abs(jnp.where(info, grad, 0)).max()) == 0.0
-  assert float(jnp.abs(jnp.where(mask > 0, grad, 0)).min(where=mask > 0, initial=1.0)) > 0
-  perturbed = jnp.where(info, logp + 100.0, logp)
-  assert float(loss(perturbed)) == pytest.approx(float(loss(logp)), rel=1e-6)
-  # The aggregation length counts sampled tokens only.
-  assert int(mask.sum()) == int(r.response_mask.sum() - r.info_mask.sum())
+  prompt = np.array([tok.encode("question: where? ")], np.int32)
+  batch, _ = train.assemble_batch(
+      jnp.asarray(prompt), jnp.ones_like(jnp.asarray(prompt)), jnp.asarray(r.response_ids),
+      jnp.asarray(r.response_mask), jnp.asarray(r.info_mask),
+      jnp.asarray([1.0, 0.0, 0.5, 0.0, 1.0], jnp.float32), group_size=N, num_groups=1,
+      estimator="grpo", adv_eps=1e-6, filter_zero_std=False, kl_on_filtered=True)
+  model = Decoder(tiny_config("qwen2", vocab_size=258), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  logp = update.response_logprobs(graphdef, params, batch["tokens"], batch["attn_mask"], R)
+  noise = jnp.asarray(np.random.default_rng(0).normal(scale=0.3, size=(N, R)), jnp.float32)
+  batch["old_logp"] = logp + noise  # off-policy: ratios away from 1, some clipped
+  batch["ref_logp"] = logp - noise
+  rl = RLConfig(loss=losses.LossConfig(agg_mode=agg_mode, ratio_level=ratio_level, kl_coef=0.1,
+                                       entropy_coef=0.01, max_len=R))
+  info = jnp.asarray(r.info_mask, bool)
+  sampled = jnp.asarray(r.loss_mask, bool)
+
+  def perturbed(where):
+    return {**batch, "old_logp": jnp.where(where, batch["old_logp"] + 7.0, batch["old_logp"]),
+            "ref_logp": jnp.where(where, batch["ref_logp"] - 5.0, batch["ref_logp"])}
+
+  @jax.jit
+  def grads(b):
+    g = jax.grad(lambda p: update.loss_fn(p, graphdef, b, rl, R,
+                                          update.minibatch_denominators(b, rl), 1.0)[0])(params)
+    return jax.tree.leaves(g)
+
+  base = grads(batch)
+  for a, b in zip(base, grads(perturbed(info))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = grads(perturbed(sampled & (jnp.arange(R)[None, :] % 5 == 0)))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, changed))
+
+  # One optimizer step of update.train_step (2 micro-batches): bit-identical parameters.
+  tx = update.make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), 10)
+
+  @jax.jit
+  def step(b):
+    state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                              rng=jax.random.PRNGKey(0), skipped=jnp.zeros((), jnp.int32))
+    b = {k: v[:4] for k, v in b.items()}  # 4 rows: 2 micro-batches of 2
+    new, _ = update.train_step(state, b, graphdef=graphdef, tx=tx, rl=rl, response_len=R,
+                               num_micro=2, temperature=1.0)
+    return jax.tree.leaves(new.params)
+
+  for a, b in zip(step(batch), step(perturbed(info))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.slow
@@ -195,3 +240,139 @@ def test_end_to_end_tiny(tmp_path, server):
                          [{"answer": ex["golden_answers"]} for ex in table])
   assert np.mean(rewards) >= 0.75, (rewards, titles)
   assert r.metrics["search/answer_rate"] == 1.0
+
+
+# ----------------------------------------------------------------------------- turn semantics
+
+EOS = ScriptedGenerator.EOS
+
+
+@pytest.mark.parametrize("text, ours, theirs", [
+    # The two cases where our first-closing-tag cut and Search-R1's </search>-first cut differ.
+    ("<search>a</answer> b</search>", sp.Action("invalid"), sp.Action("search", "a</answer> b")),
+    ("<search>q <answer>x</answer> more</search>", sp.Action("answer", "x"),
+     sp.Action("search", "q <answer>x</answer> more")),
+    # parse_action's nesting rule holds before the cut only.
+    ("<search> a <answer> b </answer> </search>", sp.Action("answer", "b"),
+     sp.Action("search", "a <answer> b </answer>")),
+])
+def test_cut_cases_ours_vs_search_r1(server, text, ours, theirs):
+  def search_r1_cut(t):  # Search-R1's _postprocess_responses, verbatim in logic
+    return (t.split("</search>")[0] + "</search>" if "</search>" in t
+            else t.split("</answer>")[0] + "</answer>" if "</answer>" in t else t)
+  assert sp.parse_action(sp.cut_at_action(text)) == ours
+  assert sp.parse_action(search_r1_cut(text)) == theirs
+  assert sp.parse_action(text) == theirs  # the nesting rule, on the uncut text
+  # In a rollout: the answer case ends the episode with that answer, the others do not.
+  r, _, client = _run(server, ByteTokenizer(), scripts=[[text, "<answer>z</answer>"]])
+  if ours.kind == "answer":
+    assert r.finish_reasons == ["answer"] and r.answers == [ours.content] and client.calls == []
+    assert r.texts[0] == sp.cut_at_action(text)
+  else:
+    assert r.answers == ["z"] and sp.INVALID_ACTION_OBSERVATION in r.texts[0]
+
+
+@pytest.mark.parametrize("tok", ["bytes", "bpe"])
+def test_eos_without_action_end_vs_invalid(server, bpe, tok):
+  """Ours ends the row and keeps (trains on) the EOS; Search-R1's drops it and corrects."""
+  tokenizer = ByteTokenizer() if tok == "bytes" else bpe
+  eos = tokenizer.eos_token_id
+  scripts = [["<think>no action" + EOS, "<think>ok</think><answer>Paris</answer>"],
+             ["<think>hm" + EOS, "<search>Everest</search>", "still nothing" + EOS],
+             ["<answer>a</answer>" + EOS],  # EOS after an action: cut away in both modes
+             [EOS, "<answer>b</answer>"]]  # EOS alone
+  end, gen_end, _ = _run(server, tokenizer, scripts=scripts)
+  inv, gen_inv, client = _run(server, tokenizer, scripts=scripts, eos_without_action="invalid")
+  n_end, n_inv = end.response_mask.sum(1), inv.response_mask.sum(1)
+  # "end": rows 0, 1, 3 stop at their first turn, the EOS is the last response token, sampled.
+  assert end.finish_reasons == ["eos", "eos", "answer", "eos"]
+  for i in (0, 1, 3):
+    assert end.response_ids[i, n_end[i] - 1] == eos and end.loss_mask[i, n_end[i] - 1] == 1
+  assert end.texts[0] == "<think>no action" and end.texts[3] == ""
+  # "invalid": no EOS anywhere in the responses; the corrective observation follows instead.
+  assert inv.finish_reasons == ["answer", "max_turns", "answer", "answer"]
+  assert inv.answers == ["Paris", None, "a", "b"]
+  for i in range(4):
+    assert eos not in inv.response_ids[i, :n_inv[i]].tolist()
+  assert inv.texts[0] == ("<think>no action" + sp.INVALID_ACTION_OBSERVATION
+                          + "<think>ok</think><answer>Paris</answer>")
+  assert inv.texts[3] == sp.INVALID_ACTION_OBSERVATION + "<answer>b</answer>"
+  # Row 1: invalid (EOS), search, then the last turn's EOS: dropped, the row ends "max_turns".
+  assert inv.texts[1].startswith("<think>hm" + sp.INVALID_ACTION_OBSERVATION + "<search>Everest")
+  assert inv.texts[1].endswith("still nothing") and inv.num_valid_actions[1] == 1
+  assert client.calls == [["Everest"]]
+  # The generator's context was rewound past each dropped EOS (the contract's `keep`).
+  for i in range(4):
+    assert gen_inv.contexts[i][:n_inv[i]] == inv.response_ids[i, :n_inv[i]].tolist()
+  # The corrective observation is forced: masked out of the loss like retrieved text.
+  obs = tokenizer.encode(sp.INVALID_ACTION_OBSERVATION, add_special_tokens=False)
+  assert inv.info_mask[3, :len(obs)].all() and inv.loss_mask[3, :len(obs)].sum() == 0
+  with pytest.raises(ValueError, match="search.eos_without_action"):
+    SearchRolloutConfig(eos_without_action="drop")
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def test_budgets_and_truncation_counts_per_kind(server):
+  tok = ByteTokenizer()
+  obs = len(tok.encode(sp.INVALID_ACTION_OBSERVATION))  # 191 bytes
+  kinds = lambda r: {k: r.metrics[f"search/truncated_{k}"] for k in  # noqa: E731
+                     ("turn", "sampled_total", "obs", "obs_total", "response")}
+  zero = dict(turn=0, sampled_total=0, obs=0, obs_total=0, response=0)
+  # Per-turn: 20 per turn: "x" * 50 and "y" * 50 are cut (turns 0, 1), the last turn answers.
+  r, _, _ = _run(server, tok, scripts=[["x" * 50, "y" * 50, "<answer>a</answer>"]],
+                 max_turn_tokens=20)
+  assert kinds(r) == {**zero, "turn": 2} and r.finish_reasons == ["answer"]
+  # Total sampled: 20 tokens in all; turn 0 keeps 12, turn 1 may sample 8 and is cut: "length".
+  r, gen, _ = _run(server, tok, scripts=[["x" * 12, "y" * 50]], max_turn_tokens=16,
+                   max_sampled_tokens=20)
+  assert [int(q.max_new_tokens[0]) for q in gen.requests] == [16, 8]
+  assert kinds(r) == {**zero, "sampled_total": 1} and r.finish_reasons == ["length"]
+  assert r.loss_mask.sum() == 20 and r.info_mask.sum() == obs
+  # Per observation: the corrective message cut to 40 tokens, twice.
+  r, _, _ = _run(server, tok, scripts=[["a", "b", "<answer>c</answer>"]], max_obs_tokens=40)
+  assert kinds(r) == {**zero, "obs": 2} and r.info_mask.sum() == 80
+  # Total observation: 250 forced tokens in all: the first message whole, the second cut to 59.
+  r, _, _ = _run(server, tok, scripts=[["a", "b", "<answer>c</answer>"]], max_obs_tokens=None,
+                 max_obs_total_tokens=250)
+  assert kinds(r) == {**zero, "obs_total": 1} and r.info_mask.sum() == 250
+  assert r.finish_reasons == ["answer"]
+  # Whole response: R = 100 cuts the first observation, the row ends "length".
+  r, _, _ = _run(server, tok, scripts=[["a" * 10, "b"]], max_response_tokens=100,
+                 max_obs_tokens=None)
+  assert kinds(r) == {**zero, "response": 1} and r.finish_reasons == ["length"]
+  assert r.response_mask.sum() == 100
+  # A turn cut by R (sampled budget left = R left): counted as "response".
+  r, _, _ = _run(server, tok, scripts=[["a" * 10]], max_response_tokens=8, max_turn_tokens=8)
+  assert kinds(r) == {**zero, "response": 1}
+
+
+# ----------------------------------------------------------------------------- retrieval batching
+
+
+def test_one_retrieval_request_per_turn_for_all_rows(server):
+  """64 rows searching in the same turn: one HTTP request carries all their queries."""
+  tok = ByteTokenizer()
+  questions = [q for q, _ in TINY_QA] * 8
+  scripts = [[f"<search>{q}</search>", "<answer>x</answer>"] for q in questions]
+  client = RetrieverClient(RetrieverConfig(url=server.url))
+  gen = ScriptedGenerator(tok, scripts)
+  r = run_search_rollout(gen, tok, client, SearchRolloutConfig(max_turns=2, topk=1),
+                         len(scripts))
+  assert client.num_requests == 1 and r.num_searches.sum() == len(scripts)
+  assert r.metrics["time/retrieval_s"] > 0
+  for i, q in enumerate(questions):  # each row got its own query's documents
+    want = client.retrieve([q], topk=1)[0][0]["document"]["contents"].split("\n")[0]
+    assert f"Doc 1(Title: {want})" in r.texts[i]
+
+
+def test_lockstep_calls_the_generator_on_every_turn(server):
+  tok = ByteTokenizer()
+  gen = ScriptedGenerator(tok, [["<answer>a</answer>"]])
+  client = RetrieverClient(RetrieverConfig(url=server.url))
+  run_search_rollout(gen, tok, client, SearchRolloutConfig(max_turns=3), 1, lockstep=True)
+  assert [len(q.rows) for q in gen.requests] == [1, 0, 0, 0]
+  gen = ScriptedGenerator(tok, [["<answer>a</answer>"]])
+  run_search_rollout(gen, tok, client, SearchRolloutConfig(max_turns=3), 1)
+  assert [len(q.rows) for q in gen.requests] == [1]

@@ -30,8 +30,11 @@ def test_tiny_search_run_end_to_end(tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for key in ("search/turns", "search/searches_per_rollout", "search/valid_action_rate",
               "search/answer_rate", "search/retrieved_token_share", "search/prefill_tokens",
-              "search/naive_prefill_tokens", "eval/greedy_accuracy"):
-    assert all(key in r for r in rows if not key.startswith("eval")) or key.startswith("eval")
+              "search/naive_prefill_tokens", "search/truncated_turn", "search/truncated_obs",
+              "search/truncated_response", "time/retrieval_s"):
+    assert all(key in r for r in rows), key
+  # eval_every=2: steps 2 and 4 carry the evaluation.
+  assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [2, 4]
   # Rows that retrieved something show it in the export, and their masked tokens are counted.
   table = pq.read_table(tmp_path / "export" / "step_000004.parquet").to_pydict()
   assert "retrieved" in table and len(table["retrieved"]) == 16

@@ -1,8 +1,9 @@
 """Weighted sums of reward functions, by name or import path, with every call checked.
 
 A spec is ``(name_or_path, weight, kwargs)``: a built-in name (see `REGISTRY`) or ``"pkg.mod:fn"``
-(any importable function). Each function is called on the whole batch,
-``fn(prompts, completions, examples, **kwargs) -> sequence of floats`` (one per completion), and its
+(any importable function). Its kwargs are checked against its signature when the reward is built
+(`check_kwargs`), so a misspelt setting stops the run before anything compiles. Each function is
+called on the whole batch, ``fn(prompts, completions, examples, **kwargs) -> sequence of floats`` (one per completion), and its
 raw (unweighted) output is kept as a component so that every part of the reward can be logged.
 
 Every call is checked: a function that raises, returns the wrong number of values, or returns a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,7 +36,11 @@ REGISTRY: dict[str, RewardFn | str] = {
     "format": rules.format_reward,
     "digits": tasks.digits_reward,
     "arithmetic": tasks.arithmetic_reward,
-    "search_r1": "grpo_jax.rewards.search_r1:search_r1_em",
+    # Search-R1 (grpo_jax/rewards/search_r1.py): the function with its settings as kwargs, and
+    # the presets that reproduce its published runs.
+    "search_r1": "grpo_jax.rewards.search_r1:search_r1",
+    "search_r1_format": "grpo_jax.rewards.search_r1:search_r1_format",
+    "search_r1_subem": "grpo_jax.rewards.search_r1:search_r1_subem",
 }
 
 
@@ -126,6 +132,35 @@ def _call_checked(name: str, fn: RewardFn, prompts, completions, examples) -> np
   return out
 
 
+def check_kwargs(label: str, fn: RewardFn, kwargs: Mapping[str, Any]) -> None:
+  """Refuses, before any work, kwargs that `fn`'s signature cannot take (``TypeError``, one line
+  naming `label` and the first bad kwarg); built-in rewards also check their values."""
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):  # no introspectable signature (a C function): nothing to check
+    return
+  params = sig.parameters
+  positional = [n for n, p in params.items()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  accepted = [n for n, p in params.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in positional[:3]]
+  if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    for key in kwargs:
+      if key not in accepted:
+        raise TypeError(f"{label}: unexpected kwarg {key!r} (accepted: "
+                        f"{', '.join(accepted) or 'none'})")
+  try:
+    sig.bind([], [], [], **kwargs)
+  except TypeError as e:
+    raise TypeError(f"{label}: {e}") from None
+  target = fn.func if isinstance(fn, functools.partial) else fn
+  if getattr(target, "__module__", "").startswith("grpo_jax.rewards"):
+    try:  # Built-ins validate their settings first thing: an empty batch checks the values.
+      fn([], [], [], **kwargs)
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"{label}: {str(e).splitlines()[0]}") from None
+
+
 class RewardFunction:
   """Callable ``(prompts, completions, examples) -> RewardOutput``; see `make_reward_fn`."""
 
@@ -176,6 +211,7 @@ def make_reward_fn(specs: Sequence[Sequence[Any]]) -> RewardFunction:
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not np.isfinite(weight):
       raise ValueError(f"rewards[{i}] ({name!r}): weight must be a finite number, got {weight!r}")
     fn = resolve(name)
+    check_kwargs(f"rewards[{i}] ({name!r})", fn, kwargs)  # the signature is known: fail now
     if kwargs:
       fn = functools.partial(fn, **kwargs)
     seen[name] = seen.get(name, 0) + 1

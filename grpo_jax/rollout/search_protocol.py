@@ -21,8 +21,20 @@ rely on, re-derived from Search-R1's ``search_r1/llm_agent/generation.py`` and
 One deliberate difference: Search-R1 cuts at ``</search>`` whenever it occurs and only otherwise at
 ``</answer>``; we cut at whichever closes *first*. That is where a sampler with both stop strings
 stops, so on what such a sampler produces the two agree; they differ only on text that runs on
-past a first ``</answer>`` to a ``</search>``: ``<search>a</answer> b</search>`` is a search for
-``a</answer> b`` in Search-R1 and an invalid turn here.
+past a first ``</answer>`` to a ``</search>``. Exactly these cases (rollout = cut, then parse):
+
+* ``<search>a</answer> b</search>``: Search-R1 searches for ``a</answer> b``; here the turn is cut
+  to ``<search>a</answer>``, which holds no complete block: an invalid turn.
+* ``<search>q <answer>x</answer> more</search>``: Search-R1 searches for
+  ``q <answer>x</answer> more``; here the turn is cut to ``<search>q <answer>x</answer>``, whose
+  first complete block is the answer: the episode ends with answer ``x``.
+
+So :func:`parse_action`'s rule "an answer nested in a search is part of the query" holds for text
+parsed as it stands (Search-R1's view, and any text that has its ``</search>`` first); in a
+rollout the cut comes first and a nested ``</answer>`` closes the turn as an answer.
+
+Whether a turn that ends with EOS before any action ends the row (ours) or is an invalid action
+(Search-R1) is a rollout option: ``SearchRolloutConfig.eos_without_action``.
 """
 
 from __future__ import annotations
@@ -114,6 +126,10 @@ def parse_action(text: str) -> Action:
   Nested tags are not balanced: ``<search> a <answer> b </answer> </search>`` is a search for
   ``a <answer> b </answer>``. A block must be closed by its own tag; ``<search> q </answer>`` is
   invalid. An empty block is still a valid action (Search-R1 sends the empty query).
+
+  The nesting rule is about `text` as given. A rollout parses ``cut_at_action(text)``, which ends
+  at the first closing tag: ``<search> a <answer> b </answer> </search>`` is cut to
+  ``<search> a <answer> b </answer>``, an answer ``b`` (see the module docstring).
   """
   match = _ACTION_RE.search(text)
   if match is None:

@@ -6,11 +6,13 @@ The loop (Search-R1's ``LLMGenerationManager.run_llm_loop``, re-derived)::
     out = generate_turn(TurnRequest(active rows, observation tokens to force, budgets))
     per row: cut the new tokens after the first </search> / </answer> (or at EOS), parse the action
       answer  -> row done
+      EOS before any action -> row done ("end"), or EOS dropped and invalid ("invalid")
       search  -> query queued (on the last turn nothing is executed: row done)
       invalid -> corrective observation (on the last turn: row done)
     ONE retriever call with the queued queries of all rows
     per searching row: "\\n\\n<information>Doc 1(Title: ..) ..</information>\\n\\n", tokenised,
-      cut to max_obs_tokens and to the remaining response budget, appended with info_mask = 1
+      cut to the observation budgets and to the remaining response budget, appended with
+      info_mask = 1   (budgets and their truncation counts: SearchRolloutConfig)
 
 The generator contract (what the real KV-cache sampler must implement as `generate_turn`):
 
@@ -47,6 +49,7 @@ log-probability of sampled tokens and 0 on forced tokens and padding.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -73,20 +76,54 @@ class Retriever(Protocol):
                return_scores: bool = True) -> list[list[dict[str, Any]]]: ...
 
 
+EOS_WITHOUT_ACTION = ("end", "invalid")
+
+# Truncation kinds counted in the metrics (`search/truncated_<kind>`), see SearchRolloutConfig.
+TRUNCATION_KINDS = ("turn", "sampled_total", "obs", "obs_total", "response")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchRolloutConfig:
-  """Limits of a search rollout.
+  """Limits and turn semantics of a search rollout.
+
+  Budgets, all in tokens of one rollout row (Search-R1's names in brackets):
+
+  ======================  =====================================================================
+  max_turn_tokens         sampled per turn (``max_response_length``, 500 in its scripts)
+  max_sampled_tokens      sampled over the whole response (no Search-R1 counterpart; None: R)
+  max_obs_tokens          per observation (``max_obs_length``, 500); None: no cap
+  max_obs_total_tokens    forced (observation) tokens over the whole response (None: R)
+  max_response_tokens     R, the whole response, sampled + forced: the output width
+                          (Search-R1 cuts the response at ``max_prompt_length``, 4096)
+  ======================  =====================================================================
+
+  A turn that spends its sampling budget without an action or EOS is cut: the turn is invalid
+  (corrective observation) if only ``max_turn_tokens`` ran out, and the row ends ("length") if
+  ``max_sampled_tokens`` or R did. An observation is cut to the smallest of ``max_obs_tokens``,
+  what is left of ``max_obs_total_tokens`` and what is left of R (a token-level cut may cut the
+  closing ``</information>``, as in Search-R1); the row goes on (it ends when R is spent). Each
+  cut is counted by the binding limit in ``metrics["search/truncated_<kind>"]``, kinds
+  :data:`TRUNCATION_KINDS`: "turn", "sampled_total", "obs", "obs_total", "response" (ties
+  go to the later kind in that list).
 
   Attributes:
     max_turns: turns whose search is executed (Search-R1's ``max_turns``); one more, final turn
       runs without search, so a row generates at most ``max_turns + 1`` times.
-    max_response_tokens: total response length R in tokens (sampled + retrieved); the output width.
-    max_turn_tokens: tokens sampled per turn at most.
-    max_obs_tokens: observation length cap in tokens (Search-R1's ``max_obs_length``; None: none).
-      A token-level cut may cut the closing ``</information>``, as in Search-R1.
+    max_response_tokens: R (table above).
+    max_turn_tokens: table above.
+    max_obs_tokens: table above.
     max_doc_chars: optional cap in characters on the documents inside ``<information>`` (the tags
       are kept whole); None: no cap.
     topk: documents per search.
+    max_sampled_tokens: table above.
+    max_obs_total_tokens: table above.
+    eos_without_action: what a turn that ends with EOS before any closing action tag does.
+      "end" (ours): the row ends ("eos", reward as the text stands) and the EOS token is part of
+      the response, trained on like any sampled token. "invalid" (Search-R1): the EOS token is
+      dropped (Search-R1 decodes with ``skip_special_tokens`` and re-tokenises the text, so it
+      never trains on it) and the turn is an invalid action: the corrective
+      :data:`~grpo_jax.rollout.search_protocol.INVALID_ACTION_OBSERVATION` follows and the row
+      goes on; on the last turn the row ends ("max_turns"), as any last turn without an answer.
   """
 
   max_turns: int = 4
@@ -95,6 +132,9 @@ class SearchRolloutConfig:
   max_obs_tokens: int | None = 512
   max_doc_chars: int | None = None
   topk: int = 3
+  max_sampled_tokens: int | None = None
+  max_obs_total_tokens: int | None = None
+  eos_without_action: str = "end"
 
   def __post_init__(self):
     for name in ("max_turns", "max_response_tokens", "max_turn_tokens", "topk"):
@@ -102,10 +142,28 @@ class SearchRolloutConfig:
       low = 0 if name == "max_turns" else 1
       if not isinstance(value, int) or value < low:
         raise ValueError(f"search.{name}: expected an int >= {low}, got {value!r}")
-    for name in ("max_obs_tokens", "max_doc_chars"):
+    for name in ("max_obs_tokens", "max_doc_chars", "max_obs_total_tokens"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 0):
         raise ValueError(f"search.{name}: expected an int >= 0 or None, got {value!r}")
+    value = self.max_sampled_tokens
+    if value is not None and (not isinstance(value, int) or value < 1):
+      raise ValueError(f"search.max_sampled_tokens: expected an int >= 1 or None, got {value!r}")
+    if self.eos_without_action not in EOS_WITHOUT_ACTION:
+      raise ValueError(f"search.eos_without_action: expected one of {EOS_WITHOUT_ACTION}, got "
+                       f"{self.eos_without_action!r}")
+
+  @property
+  def sampled_budget(self) -> int:
+    """Sampled tokens a row may hold in all (R when `max_sampled_tokens` is None)."""
+    R = self.max_response_tokens
+    return R if self.max_sampled_tokens is None else min(self.max_sampled_tokens, R)
+
+  @property
+  def obs_budget(self) -> int:
+    """Forced tokens a row may hold in all (R when `max_obs_total_tokens` is None)."""
+    R = self.max_response_tokens
+    return R if self.max_obs_total_tokens is None else min(self.max_obs_total_tokens, R)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,10 +249,16 @@ class _Row:
   turns: int = 0
   searches: int = 0
   valid: int = 0
+  sampled: int = 0  # sampled tokens kept
+  retrieved: int = 0  # forced tokens kept
 
   def append(self, ids: Sequence[int], text: str, retrieved: bool,
              logp: Sequence[float] | None = None) -> None:
     self.ids.extend(ids)
+    if retrieved:
+      self.retrieved += len(ids)
+    else:
+      self.sampled += len(ids)
     self.info.extend([int(retrieved)] * len(ids))
     self.logp.extend([0.0] * len(ids) if logp is None else logp)
     if text:
@@ -244,15 +308,21 @@ def _check_output(out: Any, num_active: int, budgets: np.ndarray
 
 
 def run_search_rollout(generate_turn: GenerateTurn, tokenizer: Tokenizer, retriever: Retriever,
-                       config: SearchRolloutConfig, num_rows: int) -> SearchRolloutResult:
+                       config: SearchRolloutConfig, num_rows: int, *,
+                       lockstep: bool = False) -> SearchRolloutResult:
   """Runs the Search-R1 multi-turn loop for `num_rows` rollouts (prompts live in the generator).
 
   Args:
     generate_turn: the per-turn generator; contract in the module docstring.
     tokenizer: encodes observations (no special tokens) and decodes sampled ids.
-    retriever: called once per turn with the queries of all rows that searched.
+    retriever: called once per turn with the queries of all rows that searched (one request,
+      whatever the number of rows).
     config: the :class:`SearchRolloutConfig`.
     num_rows: N, the number of rollout rows (prompts × group size).
+    lockstep: call `generate_turn` on each of the ``max_turns + 1`` turns, with an empty request
+      once no row is active, instead of stopping early: generators of several processes that run
+      their device work together (``search_sampler`` on a multi-process mesh) must be called the
+      same number of times.
 
   Raises:
     RetrieverError: from the retriever, unchanged: the caller's state is untouched.
@@ -264,20 +334,26 @@ def run_search_rollout(generate_turn: GenerateTurn, tokenizer: Tokenizer, retrie
   budget_total = config.max_response_tokens
   rows = [_Row() for _ in range(num_rows)]
   saw_logprobs: bool | None = None
+  truncations = dict.fromkeys(TRUNCATION_KINDS, 0)
+  retrieval_s = 0.0
 
   for turn in range(config.max_turns + 1):
     is_last = turn == config.max_turns
     active = [i for i, r in enumerate(rows) if not r.done]
-    if not active:
+    if not active and not lockstep:
       break
-    budgets = np.array([min(config.max_turn_tokens, budget_total - len(rows[i].ids))
-                        for i in active], np.int64)
+    caps = [{"turn": config.max_turn_tokens,
+             "sampled_total": config.sampled_budget - rows[i].sampled,
+             "response": budget_total - len(rows[i].ids)} for i in active]
+    budgets = np.array([min(c.values()) for c in caps], np.int64)
     request = TurnRequest(
         rows=np.asarray(active, np.int64),
         keep=np.array([rows[i].keep for i in active], np.int64),
         forced_ids=[rows[i].ids[rows[i].keep:] for i in active],
         max_new_tokens=budgets, stop_strings=sp.STOP_STRINGS, turn=turn, is_last_turn=is_last)
     token_ids, logprobs = _check_output(generate_turn(request), len(active), budgets)
+    if not active:
+      continue
     if saw_logprobs is None:
       saw_logprobs = logprobs is not None
     elif saw_logprobs != (logprobs is not None):
@@ -289,7 +365,13 @@ def run_search_rollout(generate_turn: GenerateTurn, tokenizer: Tokenizer, retrie
       stop_at_eos = eos_id is not None and eos_id in new
       limit = new.index(eos_id) + 1 if stop_at_eos else len(new)
       k = _action_cut(tokenizer, new[:limit])
-      hit_eos = stop_at_eos and k == limit
+      hit_eos = stop_at_eos and k == limit  # EOS before any closing action tag
+      if hit_eos and config.eos_without_action == "invalid":
+        # Search-R1: the EOS is not kept (nor trained on); the turn is an invalid action.
+        k, hit_eos = k - 1, False
+      elif k == len(new) == budgets[j] and not stop_at_eos:
+        # The budget ran out before an action: count the limit that cut the turn.
+        truncations[_binding(caps[j])] += 1
       kept_text = _decode(tokenizer, new[:k])
       row.append(new[:k], kept_text, retrieved=False, logp=None if logprobs is None else
                  logprobs[j][:k])
@@ -301,7 +383,7 @@ def run_search_rollout(generate_turn: GenerateTurn, tokenizer: Tokenizer, retrie
         row.done, row.finish, row.answer = True, "answer", action.content
       elif hit_eos:
         row.done, row.finish = True, "eos"
-      elif len(row.ids) >= budget_total:
+      elif len(row.ids) >= budget_total or row.sampled >= config.sampled_budget:
         row.done, row.finish = True, "length"
       elif is_last:
         row.done, row.finish = True, "max_turns"
@@ -309,30 +391,44 @@ def run_search_rollout(generate_turn: GenerateTurn, tokenizer: Tokenizer, retrie
         row.searches += 1
         queued.append((i, action.content))
       else:
-        _append_observation(row, sp.INVALID_ACTION_OBSERVATION, tokenizer, config)
+        _append_observation(row, sp.INVALID_ACTION_OBSERVATION, tokenizer, config, truncations)
 
     if queued:
+      t0 = time.perf_counter()
       results = retriever.retrieve([q for _, q in queued], topk=config.topk, return_scores=True)
+      retrieval_s += time.perf_counter() - t0
       if len(results) != len(queued):
         raise ValueError(f"retriever: expected {len(queued)} result lists, got {len(results)}")
       for (i, _), hits in zip(queued, results):
         observation = sp.information_block(sp.format_documents(hits), config.max_doc_chars)
-        _append_observation(rows[i], observation, tokenizer, config)
+        _append_observation(rows[i], observation, tokenizer, config, truncations)
 
     for row in rows:
       if not row.done and len(row.ids) >= budget_total:
         row.done, row.finish = True, "length"
 
   # The last turn finishes every row it runs, so no row is left open here.
-  return _assemble(rows, tokenizer, config, bool(saw_logprobs))
+  result = _assemble(rows, tokenizer, config, bool(saw_logprobs))
+  result.metrics.update({f"search/truncated_{k}": float(v) for k, v in truncations.items()})
+  result.metrics["time/retrieval_s"] = retrieval_s
+  return result
 
 
-def _append_observation(row: _Row, text: str, tokenizer: Tokenizer,
-                        config: SearchRolloutConfig) -> None:
+def _binding(caps: dict[str, int]) -> str:
+  """The limit that cut: the smallest cap, ties to the later kind of TRUNCATION_KINDS."""
+  low = min(caps.values())
+  return [k for k in TRUNCATION_KINDS if caps.get(k) == low][-1]
+
+
+def _append_observation(row: _Row, text: str, tokenizer: Tokenizer, config: SearchRolloutConfig,
+                        truncations: dict[str, int]) -> None:
   full = list(tokenizer.encode(text, add_special_tokens=False))
-  ids = full if config.max_obs_tokens is None else full[:config.max_obs_tokens]
-  ids = ids[:config.max_response_tokens - len(row.ids)]
+  caps = {"obs": len(full) if config.max_obs_tokens is None else config.max_obs_tokens,
+          "obs_total": config.obs_budget - row.retrieved,
+          "response": config.max_response_tokens - len(row.ids)}
+  ids = full[:max(min(caps.values()), 0)]
   if len(ids) < len(full):  # the text shown in `segments` must be that of the tokens kept
+    truncations[_binding(caps)] += 1
     text = _decode(tokenizer, ids)
   row.append(ids, text, retrieved=True)
 
@@ -365,14 +461,20 @@ def _assemble(rows: list[_Row], tokenizer: Tokenizer, config: SearchRolloutConfi
       texts=[_decode(tokenizer, r.ids) for r in rows], segments=[r.segments for r in rows],
       answers=[r.answer for r in rows], finish_reasons=finish, num_turns=num_turns,
       num_searches=num_searches, num_valid_actions=num_valid,
-      metrics=search_metrics(num_turns, num_searches, num_valid, finish, response_mask_NxR,
-                             info_NxR))
+      metrics=search_metrics(num_turns, num_searches, num_valid, finish,
+                             response_mask_NxR.sum(axis=1),
+                             (info_NxR * response_mask_NxR).sum(axis=1)))
 
 
 def search_metrics(num_turns: np.ndarray, num_searches: np.ndarray, num_valid: np.ndarray,
-                   finish_reasons: Sequence[str], response_mask: np.ndarray,
-                   info_mask: np.ndarray) -> dict[str, float]:
-  """Scalar rollout metrics.
+                   finish_reasons: Sequence[str], num_response_tokens: np.ndarray,
+                   num_forced_tokens: np.ndarray) -> dict[str, float]:
+  """Scalar rollout metrics from per-row counts (so that several processes can pool their rows).
+
+  Args:
+    num_turns, num_searches, num_valid: [N] per-row counts (:class:`SearchRolloutResult`).
+    finish_reasons: N finish reasons.
+    num_response_tokens, num_forced_tokens: [N] response tokens, and forced tokens among them.
 
   Returns:
     ``search/turns`` (mean generations per rollout), ``search/searches_per_rollout``,
@@ -389,8 +491,8 @@ def search_metrics(num_turns: np.ndarray, num_searches: np.ndarray, num_valid: n
       "search/valid_action_rate": float(num_valid.sum()) / total_turns,
       "search/valid_search_rate": float(num_searches.sum()) / total_turns,
       "search/answer_rate": sum(f == "answer" for f in finish_reasons) / n,
-      "search/retrieved_token_share": float((info_mask * response_mask).sum())
-                                      / max(int(response_mask.sum()), 1),
+      "search/retrieved_token_share": float(np.sum(num_forced_tokens))
+                                      / max(int(np.sum(num_response_tokens)), 1),
   }
   for reason in ("answer", "eos", "length", "max_turns"):
     metrics[f"search/finish_{reason}"] = sum(f == reason for f in finish_reasons) / n

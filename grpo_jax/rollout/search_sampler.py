@@ -45,6 +45,17 @@ F_max = observation cap + 1), enough for the worst turn after a compaction. Comp
 prefill once per (B, P_b); `_compact`, `append` and `decode` once per row bucket (log2(B*G)) and
 observation width bucket; nothing depends on the data otherwise.
 
+Several processes: each passes its own prompts (rows [p*N/np, (p+1)*N/np) of the batch, the
+layout of `host.to_host`) and runs `run_search_rollout` over its own rows, so text, stop checks,
+answers and retrieval calls stay on the process that owns the prompts. The cache, its compaction
+and every decode chunk are global SPMD programs over the whole batch, so all processes must make
+the same calls with the same shapes: the generator gathers every process's `TurnRequest` into one
+(`allgather_objects`) and every decode chunk's ids to every process (`_fetch`), and each process
+then runs the single-process bookkeeping of the *whole* batch, identically; the rollout loop runs
+in lockstep (an empty request once a process's rows are done). The result is that of one process
+holding the whole batch (same layout, same random draws), returned as global arrays with this
+process's texts; the metrics are pooled over all rows (`_pooled_metrics`).
+
 Counters (for the cost of the cache vs re-prefilling): `num_prefill_tokens` (B * P_b prompt slots
 run once), `num_append_tokens` (slots run by `append`, padding included), `num_decode_tokens`
 (rows x steps of the decode chunks, padding rows included), `num_append_real_tokens` (without
@@ -59,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from grpo_jax import sampling
@@ -85,7 +98,8 @@ class SearchSampleOutput:
     info_mask: int32 [N, R], 1 on forced (retrieved / corrective) tokens.
     logprobs: float32 [N, R] sampling log-probs of sampled tokens; 0 on forced tokens and padding.
     truncated: bool [N], the row ended by spending its response budget.
-    texts: N decoded responses (special tokens skipped).
+    texts: decoded responses (special tokens skipped) of this process's rows (all N on one
+      process); `segments`, `answers` and `finish_reasons` likewise.
     segments: per row, the response as (text, is_retrieved) pieces, for export.
     answers: per row the content of the answer action, or None.
     finish_reasons: per row "answer", "eos", "length" or "max_turns".
@@ -145,10 +159,48 @@ def _row_bucket(num_active: int, num_rows: int, multiple: int) -> int:
 
 
 def _place_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+  """A host array that every process holds whole -> a global batch-sharded array."""
   if mesh is None:
     return jnp.asarray(x)
-  return jax.device_put(x, sharding_lib.batch_sharding(
-      mesh, x.ndim, sharding_lib.ROLLOUT_RULES, shape=x.shape))
+  x = np.asarray(x)
+  sharding = sharding_lib.batch_sharding(mesh, x.ndim, sharding_lib.ROLLOUT_RULES, shape=x.shape)
+  # Each process fills only the shards its devices hold (several processes: no transfer).
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _fetch(tree: Any) -> Any:
+  """Device arrays -> NumPy, whole on every process (a global array is gathered first)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+  """Every process's picklable `obj`, in process order (``[obj]`` on one process)."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
+  sizes = sizes.reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:data.size] = data
+  bufs = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [pickle.loads(bufs[p, :sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
+def _check_process_blocks(mesh: Mesh, num_rows: int) -> None:
+  """Several processes: process p's devices must hold rows [p*n, (p+1)*n) of a batch, the layout
+  `host.to_host` and `sharding.host_local_to_global` give the loop's per-process prompts."""
+  count, index = jax.process_count(), jax.process_index()
+  n = num_rows // count
+  sharding = sharding_lib.batch_sharding(mesh, 1, sharding_lib.ROLLOUT_RULES, shape=(num_rows,))
+  rows = set()
+  for idx in sharding.addressable_devices_indices_map((num_rows,)).values():
+    rows.update(range(num_rows)[idx[0]])
+  if num_rows % count or rows != set(range(index * n, (index + 1) * n)):
+    raise ValueError(f"search rollouts on {count} processes: process {index} must hold rows "
+                     f"[{index * n}, {(index + 1) * n}) of the {num_rows}-row batch, its devices "
+                     f"hold {sorted(rows)[:8]}...; order the mesh's batch axes by process")
 
 
 def single_token_stops(tokenizer: sr.Tokenizer, stop_strings: Sequence[str]) -> tuple[int, ...]:
@@ -185,8 +237,23 @@ class CacheTurnGenerator:
                config: sr.SearchRolloutConfig, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, eos_token_id: int, pad_token_id: int, chunk_tokens: int = 8,
                mesh: Mesh | None = None):
+    # Several processes: each passes its own prompts and drives its own rows (rows
+    # [p*N/np, (p+1)*N/np) of the batch); the device work runs on the whole batch, so every
+    # process keeps the whole host state, identical everywhere (module docstring).
+    self.num_processes = jax.process_count()
     ids_BxP = np.asarray(prompt_ids)
     mask_BxP = np.asarray(prompt_mask).astype(np.int32)
+    self.num_local_rows = ids_BxP.shape[0] * group_size
+    if self.num_processes > 1:
+      if mesh is None:
+        raise ValueError("mesh: search rollouts on several processes need the global mesh")
+      shapes = allgather_objects(ids_BxP.shape)
+      if len(set(shapes)) != 1:
+        raise ValueError(f"prompt_ids: every process must pass as many prompts of the same "
+                         f"length, got shapes {shapes}")
+      ids_BxP, mask_BxP = (np.concatenate(allgather_objects(x)) for x in (ids_BxP, mask_BxP))
+      _check_process_blocks(mesh, ids_BxP.shape[0] * group_size)
+    self.local_offset = jax.process_index() * self.num_local_rows
     sampling._check_prompts(ids_BxP, mask_BxP)
     if not (mask_BxP.sum(axis=1) >= 1).all():
       raise ValueError("prompt_mask: every prompt needs at least one real token")
@@ -240,6 +307,25 @@ class CacheTurnGenerator:
   # --------------------------------------------------------------------------- one turn
 
   def __call__(self, request: sr.TurnRequest) -> sr.TurnOutput:
+    """One turn; `request` covers this process's rows (0-based among them)."""
+    if self.num_processes == 1:
+      return self._turn(request)
+    # Every process's request, as one request over the whole batch (the device work is one
+    # SPMD program); this process answers for its own rows only.
+    parts = allgather_objects((np.asarray(request.rows) + self.local_offset, request.keep,
+                               request.forced_ids, request.max_new_tokens))
+    rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    out = sr.TurnOutput([], [])
+    if rows.size:
+      out = self._turn(dataclasses.replace(
+          request, rows=rows, keep=np.concatenate([p[1] for p in parts]).astype(np.int64),
+          forced_ids=[f for p in parts for f in p[2]],
+          max_new_tokens=np.concatenate([p[3] for p in parts]).astype(np.int64)))
+    mine = [j for j, i in enumerate(rows) if self.local_offset <= i < self.local_offset
+            + self.num_local_rows]
+    return sr.TurnOutput([out.token_ids[j] for j in mine], [out.logprobs[j] for j in mine])
+
+  def _turn(self, request: sr.TurnRequest) -> sr.TurnOutput:
     rows = [int(r) for r in request.rows]
     A = len(rows)
     for j, i in enumerate(rows):
@@ -282,7 +368,7 @@ class CacheTurnGenerator:
       self.index += self.chunk
       self.num_decode_tokens += len(self.cache_rows) * self.chunk
       chunk += 1
-      toks, mask, logp = jax.device_get((out.tokens, out.mask, out.logprobs))
+      toks, mask, logp = _fetch((out.tokens, out.mask, out.logprobs))
       for j, s in enumerate(slots):
         if remaining[s] <= 0:
           continue
@@ -375,7 +461,8 @@ def search_generate(graphdef: nnx.GraphDef, params: Any, prompt_ids_BxP: Any,
 
   Args:
     graphdef, params: `nnx.split(model)` of a `grpo_jax.models.Decoder`.
-    prompt_ids_BxP, prompt_mask_BxP: int [B, P] prompts (left-padded) and their masks.
+    prompt_ids_BxP, prompt_mask_BxP: int [B, P] prompts (left-padded) and their masks; with
+      several processes, this process's prompts (the same B and P on every process).
     rng: PRNG key; the same key gives the same output.
     group_size: G, rollouts per prompt; rows are ordered a a a b b b.
     tokenizer: encodes observations, decodes sampled text; its `eos_token_id` must equal
@@ -406,28 +493,58 @@ def search_generate(graphdef: nnx.GraphDef, params: Any, prompt_ids_BxP: Any,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                            chunk_tokens=chunk_tokens, mesh=mesh)
+  multi = jax.process_count() > 1
   result = sr.run_search_rollout(gen, _PadTokenizer(tokenizer, pad_token_id), retriever, config,
-                                 gen.num_rows)
+                                 gen.num_local_rows, lockstep=multi)
   gen.cache = None  # free the cache before the caller's next allocation
   truncated = np.array([f == "length" for f in result.finish_reasons], bool)
-  counters = {
+  counters = {  # whole-batch figures: every process ran the whole batch's device work
       "search/prefill_tokens": gen.num_prefill_tokens,
       "search/append_tokens": gen.num_append_tokens,
       "search/append_real_tokens": gen.num_append_real_tokens,
       "search/decode_tokens": gen.num_decode_tokens,
       "search/naive_prefill_tokens": gen.num_naive_prefill_tokens,
   }
-  place = lambda x: _place_batch(x, mesh)
+  metrics = _pooled_metrics(result) if multi else dict(result.metrics)
+  if multi:  # This process's rows -> the global batch (rows [p*N/np, (p+1)*N/np) are ours).
+    place = lambda x: sharding_lib.host_local_to_global(x, mesh, sharding_lib.ROLLOUT_RULES)
+  else:
+    place = lambda x: _place_batch(x, mesh)
   return SearchSampleOutput(
       tokens=place(result.response_ids), mask=place(result.response_mask),
       info_mask=place(result.info_mask), logprobs=place(result.logprobs), truncated=place(truncated),
       texts=result.texts, segments=result.segments, answers=result.answers,
       finish_reasons=result.finish_reasons,
-      metrics={**result.metrics, **{k: float(v) for k, v in counters.items()}},
+      metrics={**metrics, **{k: float(v) for k, v in counters.items()}},
       num_prefill_tokens=gen.num_prefill_tokens, num_append_tokens=gen.num_append_tokens,
       num_append_real_tokens=gen.num_append_real_tokens,
       num_decode_tokens=gen.num_decode_tokens,
       num_naive_prefill_tokens=gen.num_naive_prefill_tokens)
+
+
+def _pooled_metrics(result: sr.SearchRolloutResult) -> dict[str, float]:
+  """The rollout metrics over every process's rows (what one process with the whole batch
+  reports); timings stay this process's own."""
+  codes = ("answer", "eos", "length", "max_turns")
+  stats = np.stack([result.num_turns, result.num_searches, result.num_valid_actions,
+                    [codes.index(f) for f in result.finish_reasons],
+                    result.response_mask.sum(axis=1),
+                    (result.info_mask * result.response_mask).sum(axis=1)], axis=1).astype(np.int64)
+  truncations = np.array([result.metrics[f"search/truncated_{k}"] for k in sr.TRUNCATION_KINDS])
+  gathered = allgather_objects((stats, truncations))
+  stats = np.concatenate([g[0] for g in gathered])
+  metrics = sr.search_metrics(stats[:, 0], stats[:, 1], stats[:, 2],
+                              [codes[c] for c in stats[:, 3]], stats[:, 4], stats[:, 5])
+  total = np.sum([g[1] for g in gathered], axis=0)
+  metrics.update({f"search/truncated_{k}": float(v) for k, v in zip(sr.TRUNCATION_KINDS, total)})
+  metrics.update({k: v for k, v in result.metrics.items() if k.startswith("time/")})
+  return metrics
+
+
+def gather_retrieved_text(out: SearchSampleOutput) -> list[str]:
+  """Per response of the whole batch (all processes, in batch order), its retrieved text."""
+  local = ["".join(text for text, retrieved in row if retrieved) for row in out.segments]
+  return [t for part in allgather_objects(local) for t in part]
 
 
 class _PadTokenizer:

@@ -148,9 +148,12 @@ class ScriptedGenerator:
   Args:
     tokenizer: encodes the scripted strings.
     scripts: per row, the text of each turn. The full string is emitted (up to the budget) even
-      past a stop string, like a sampler without stop strings; the orchestrator must cut it.
+      past a stop string, like a sampler without stop strings; the orchestrator must cut it. A
+      text ending with :attr:`EOS` ends with the EOS token.
     with_logprobs: also return deterministic fake log-probs, ``-(1 + id % 7) / 100``.
   """
+
+  EOS = "<EOS>"  # a turn's text ending with this marker ends with the tokenizer's EOS token
 
   def __init__(self, tokenizer, scripts: Sequence[Sequence[str]], with_logprobs: bool = False):
     self.tokenizer = tokenizer
@@ -175,8 +178,10 @@ class ScriptedGenerator:
       self.turn_of_row[i] += 1
       script = self.scripts[i]
       eos = self.tokenizer.eos_token_id
-      ids = (list(self.tokenizer.encode(script[k], add_special_tokens=False)) if k < len(script)
-             else [eos])
+      text = script[k] if k < len(script) else self.EOS
+      ids = list(self.tokenizer.encode(text.removesuffix(self.EOS), add_special_tokens=False))
+      if text.endswith(self.EOS):
+        ids.append(eos)
       ids = ids[:int(request.max_new_tokens[j])]
       ctx.extend(ids)
       out_ids.append(ids)
