@@ -156,9 +156,11 @@ def assemble_batch(prompt_ids_BxP, prompt_mask_BxP, completions_NxR, completion_
   """Expands prompts to groups, computes advantages and the loss / KL masks of the update."""
   prompt_ids, prompt_mask = groups.expand_groups((prompt_ids_BxP, prompt_mask_BxP), group_size)
   gids_N = groups.group_ids(num_groups, group_size)
+  # The ids are repeat(arange(B), G): row reductions of [B, G], no scatter (advantages.py).
   advantages_N = adv_lib.compute_advantages(rewards_N, gids_N, num_groups, estimator=estimator,
-                                            eps=adv_eps)
-  mean_G, std_G, count_G = adv_lib.group_stats(rewards_N, gids_N, num_groups)
+                                            eps=adv_eps, group_size=group_size)
+  mean_G, std_G, count_G = adv_lib.group_stats(rewards_N, gids_N, num_groups,
+                                               group_size=group_size)
   spread_G = (std_G > 0).astype(jnp.float32)
   keep_N = spread_G[gids_N] if filter_zero_std else jnp.ones_like(rewards_N)
   response_mask = completion_mask_NxR.astype(jnp.float32)
