@@ -16,32 +16,47 @@ repeated G times along the batch (a a a b b b, the `grpo_jax.groups.expand_group
                                  i.e. what `token_logprobs` of the training forward recomputes
   out.truncated  bool  [B*G]     the row spent R tokens without emitting a stop token
 
-Compilation: `generate` is one module-level `jax.jit` whose static arguments are the graphdef and
-the sampling settings, so a run compiles it once per prompt-length bucket. Prompts are left-padded
-to `bucket_length(P)` (powers of two and 1.5x powers of two, at least 16) outside the jit, so the
-number of compiles is logarithmic in the longest prompt. The KV cache holds P_bucket + R slots.
+Compilation: prompts are left-padded to `bucket_length(P)` (powers of two and 1.5x powers of two,
+at least 16) outside the jit, so the prefill compiles once per prompt-length bucket. The decode
+chunks compile once per (row bucket, slot bucket): at most ~log2(B*G) x log2(R) programs, reused
+by every later call.
 
-Decode loop: a `lax.while_loop` that stops when every row has emitted a stop token (or after R
-steps). Each step samples one token per row from the current logits, writes it into column t of
-the [N, R] outputs (an in-place dynamic update, O(N) per step) and feeds it through the model at
-cache slot P_bucket + t. Rows that are done keep going in lock-step with pad tokens fed at mask 0,
-so they write invalid cache slots that no query ever reads. Nothing is read back to the host.
-Every sampled token, the last included, is fed, so after `decode` the cache holds the whole
-context and its `last_logits` predict the next token: multi-turn rollouts continue from it
-(`append` then `decode` again) without re-prefilling.
+Decode loop (`generate`): the prefill makes a per-layer cache of P_bucket + 8 slots, then the host
+runs chunks of `_CHUNK` = 8 steps, each a `lax.while_loop` on device. Between chunks it reads one
+[M] bool (which rows are done) and, if worthwhile, moves to a smaller working batch
+(`row_bucket(live rows)`, the finished rows leave) and a longer cache (slots grow in powers of two
+with the steps taken). So a step costs what its live rows and filled slots cost: decode time
+follows the tokens generated, not rows x the longest row, and not the slots preallocated.
+`generate(compact=False)` is the same decode as one program over all rows and P_bucket + R slots
+(same tokens; for tests and compiled-memory analysis). Inside a chunk, each step samples one token
+per working row, writes it into column t of the [N, R] outputs (a scatter of M entries) and feeds
+it through the model at cache slot P_bucket + t; rows that finished inside the chunk ride along
+at mask 0 and write invalid slots that no query reads. Every sampled token, the last included, is
+fed, so after `decode` the cache holds the whole context and its `last_logits` predict the next
+token: multi-turn rollouts continue from it (`append` then `decode` again) without re-prefilling.
+
+The decode step (`grpo_jax.models.decoder.decode_hidden`) runs on weights unstacked once per call
+and a cache of one [N, K, S, D] buffer per layer, updated in place: a layer scan would copy every
+layer's weights and whole K/V out of the stacked arrays at every step (bench/decode_step.py).
 
 Sampling: temperature 0 is greedy (argmax). Otherwise logits / T, then top-k (0 = off), then
-top-p over what top-k kept (1.0 = off; HF's warper order), then one Gumbel-max draw per row with
-the key `fold_in(rng, t)` for step t. With `jax_threefry_partitionable` the draws do not depend on
-how the batch is sharded, so 1 device and 8 devices give the same tokens.
+top-p over what top-k kept (1.0 = off; HF's warper order), then one inverse-CDF draw per row
+(`inverse_cdf_draw`: one uniform per row, a two-level cumulative sum; exact in distribution, and
+no argmax over the vocabulary). The uniform of output row n at step t is
+`uniform(fold_in(rng, t), [N])[n]`: with `jax_threefry_partitionable` it does not depend on how the
+batch is sharded or which rows are still working, so 1 device and 8 devices, and compacted and
+one-program decodes, give the same tokens.
 
 Sharding: with `mesh`, prompts and outputs are sharded over the batch axes
 (`grpo_jax.sharding.batch_sharding`), the cache like the activations (`cache_logical_axes`),
-parameters as given (the training layout). B*G must divide by the mesh's batch multiple.
+parameters as given (the training layout). B*G and every row bucket divide by the mesh's batch
+multiple.
 
 Lower-level pieces for multi-turn rollouts (Search-R1): `prefill` (prompt -> cache, next-token
 logits), `append` (extend a cache with given tokens, e.g. retrieved text, without re-prefilling
-the history) and `decode` (sample from a cache until stop tokens or the budget).
+the history) and `decode` (sample from a cache until stop tokens or the budget; one program on the
+stacked `KVCache`, converted to the per-layer layout for the loop and back, reading only a
+power-of-two prefix of the slots when `cache_index` is a Python int).
 """
 
 from __future__ import annotations
