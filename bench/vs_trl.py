@@ -2,6 +2,14 @@ r"""End-to-end GRPO step time: grpo_jax against TRL's `GRPOTrainer`, same model,
 
   python bench/vs_trl.py                          # B=4 prompts, G=8, P=32, R=32, 2 rounds
   python bench/vs_trl.py --group 16 --rounds 3 --steps 6
+  # The real model (SmolLM2-135M-Instruct folder), issue 18's two settings:
+  python bench/vs_trl.py --real --batch 4 --group 4 --prompt-len 96 --new-tokens 48
+  python bench/vs_trl.py --real --batch 4 --group 8 --prompt-len 256 --new-tokens 128 --natural
+
+`--real` loads the cached SmolLM2-135M-Instruct folder (its weights and tokenizer) in both
+workers instead of writing a random model; `--model-path DIR` any HF folder. `--natural` lets
+responses stop at the tokenizer's EOS (ours: the trainer's stop tokens; TRL: no
+`min_new_tokens`), R becomes the cap: lengths are the model's own.
 
 What is compared. One small Qwen2-shaped decoder (q/k/v bias, tied embeddings, GQA) with random
 weights is built with grpo_jax and written with `grpo_jax.models.save_pretrained`, together with
@@ -132,7 +140,8 @@ def worker_jax(args) -> dict:
   enc = tokenizer(prompts, add_special_tokens=False, return_tensors="np")
   mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
   setup, state, _ = train.init_state(run, mesh, tokenizer, workdir="")
-  setup.stop_token_ids = ()  # Every response is exactly R tokens, as TRL's min_new_tokens=R.
+  if not args.natural:
+    setup.stop_token_ids = ()  # Every response is exactly R tokens, as TRL's min_new_tokens=R.
   steps = train.Steps(setup)
   g = run.rollout.group_size
   prompts_rep = [p for p in prompts for _ in range(g)]
@@ -166,7 +175,7 @@ def worker_jax(args) -> dict:
       parity["grad_norm"] = np.asarray(metrics["grad_norm"])
       np.savez(args.parity_out, prompt_len=args.prompt_len, **parity)
     records.append({"step": step, "generation": t1 - t0, "scoring": t2 - t1, "update": t3 - t2,
-                    "total": t3 - t0, "loss": float(metrics["loss"]),
+                    "total": t3 - t0, "loss": float(metrics["loss"]), "tokens": int(mask_h.sum()),
                     "reward_mean": float(rewards_h.mean())})
   return {"records": records, "peak_rss_mb": _peak_rss_mb(),
           "cores": len(os.sched_getaffinity(0)), "device": jax.devices()[0].device_kind}
@@ -184,7 +193,8 @@ def trl_config(args, output_dir: str):
       seed=0, data_seed=0, shuffle_dataset=False, dataloader_num_workers=0,
       per_device_train_batch_size=n, gradient_accumulation_steps=1, steps_per_generation=1,
       num_generations=args.group, num_iterations=1, max_steps=args.warmup + args.steps,
-      max_completion_length=args.new_tokens, generation_kwargs={"min_new_tokens": args.new_tokens},
+      max_completion_length=args.new_tokens,
+      generation_kwargs={} if args.natural else {"min_new_tokens": args.new_tokens},
       temperature=1.0, top_k=0, top_p=1.0, use_vllm=False, beta=0.0, epsilon=0.2,
       loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -315,7 +325,7 @@ def _spawn(kind: str, args, extra: list[str]) -> dict:
          "--batch", str(args.batch), "--group", str(args.group),
          "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
          "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--threads", str(args.threads)] + extra
+         "--threads", str(args.threads)] + (["--natural"] if args.natural else []) + extra
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, not the test suite's eight.
   env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
@@ -357,6 +367,9 @@ def main():
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--json", help="write the raw results here")
+  p.add_argument("--real", action="store_true", help="use SmolLM2-135M-Instruct (cached folder)")
+  p.add_argument("--model-path", default=None, help="use this HF model folder")
+  p.add_argument("--natural", action="store_true", help="stop at EOS; R is the cap")
   # Internal: one worker.
   p.add_argument("--worker", choices=["jax", "trl"])
   p.add_argument("--path")
@@ -370,9 +383,20 @@ def main():
     print(json.dumps(result))
     return
 
+  if args.real and not args.model_path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode_step import model_dir
+    args.model_path = model_dir()
   with tempfile.TemporaryDirectory() as tmp:
-    args.path = os.path.join(tmp, "model")
-    info = write_model(args)
+    if args.model_path:
+      args.path = args.model_path
+      with open(os.path.join(args.path, "config.json")) as f:
+        hf = json.load(f)
+      info = {"path": args.path, "hidden": hf["hidden_size"], "layers": hf["num_hidden_layers"],
+              "vocab": hf["vocab_size"], "params": 0}
+    else:
+      args.path = os.path.join(tmp, "model")
+      info = write_model(args)
     print(json.dumps({"model": info}), flush=True)
     parity_file = os.path.join(tmp, "parity.npz")
     results = {"grpo_jax": [], "trl": []}
@@ -394,6 +418,7 @@ def main():
                  "raw": results}, f, indent=1)
   ours, trl_ = summary["grpo_jax"], summary["trl"]
   print(f"\nB={args.batch} G={args.group} P={args.prompt_len} R={args.new_tokens} "
+        f"natural={args.natural} model={info.get('path', 'random')} "
         f"params={info['params']:,} threads={args.threads} rounds={args.rounds} "
         f"timed steps per impl={ours['n']}")
   print("| impl | step (s) | generation (s) | scoring (s) | update (s) | first step (s) | "

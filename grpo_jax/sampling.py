@@ -16,32 +16,47 @@ repeated G times along the batch (a a a b b b, the `grpo_jax.groups.expand_group
                                  i.e. what `token_logprobs` of the training forward recomputes
   out.truncated  bool  [B*G]     the row spent R tokens without emitting a stop token
 
-Compilation: `generate` is one module-level `jax.jit` whose static arguments are the graphdef and
-the sampling settings, so a run compiles it once per prompt-length bucket. Prompts are left-padded
-to `bucket_length(P)` (powers of two and 1.5x powers of two, at least 16) outside the jit, so the
-number of compiles is logarithmic in the longest prompt. The KV cache holds P_bucket + R slots.
+Compilation: prompts are left-padded to `bucket_length(P)` (powers of two and 1.5x powers of two,
+at least 16) outside the jit, so the prefill compiles once per prompt-length bucket. The decode
+chunks compile once per (row bucket, slot bucket): at most ~log2(B*G) x log2(R) programs, reused
+by every later call.
 
-Decode loop: a `lax.while_loop` that stops when every row has emitted a stop token (or after R
-steps). Each step samples one token per row from the current logits, writes it into column t of
-the [N, R] outputs (an in-place dynamic update, O(N) per step) and feeds it through the model at
-cache slot P_bucket + t. Rows that are done keep going in lock-step with pad tokens fed at mask 0,
-so they write invalid cache slots that no query ever reads. Nothing is read back to the host.
-Every sampled token, the last included, is fed, so after `decode` the cache holds the whole
-context and its `last_logits` predict the next token: multi-turn rollouts continue from it
-(`append` then `decode` again) without re-prefilling.
+Decode loop (`generate`): the prefill makes a per-layer cache of P_bucket + 8 slots, then the host
+runs chunks of `_CHUNK` = 8 steps, each a `lax.while_loop` on device. Between chunks it reads one
+[M] bool (which rows are done) and, if worthwhile, moves to a smaller working batch
+(`row_bucket(live rows)`, the finished rows leave) and a longer cache (slots grow in powers of two
+with the steps taken). So a step costs what its live rows and filled slots cost: decode time
+follows the tokens generated, not rows x the longest row, and not the slots preallocated.
+`generate(compact=False)` is the same decode as one program over all rows and P_bucket + R slots
+(same tokens; for tests and compiled-memory analysis). Inside a chunk, each step samples one token
+per working row, writes it into column t of the [N, R] outputs (a scatter of M entries) and feeds
+it through the model at cache slot P_bucket + t; rows that finished inside the chunk ride along
+at mask 0 and write invalid slots that no query reads. Every sampled token, the last included, is
+fed, so after `decode` the cache holds the whole context and its `last_logits` predict the next
+token: multi-turn rollouts continue from it (`append` then `decode` again) without re-prefilling.
+
+The decode step (`grpo_jax.models.decoder.decode_hidden`) runs on weights unstacked once per call
+and a cache of one [N, K, S, D] buffer per layer, updated in place: a layer scan would copy every
+layer's weights and whole K/V out of the stacked arrays at every step (bench/decode_step.py).
 
 Sampling: temperature 0 is greedy (argmax). Otherwise logits / T, then top-k (0 = off), then
-top-p over what top-k kept (1.0 = off; HF's warper order), then one Gumbel-max draw per row with
-the key `fold_in(rng, t)` for step t. With `jax_threefry_partitionable` the draws do not depend on
-how the batch is sharded, so 1 device and 8 devices give the same tokens.
+top-p over what top-k kept (1.0 = off; HF's warper order), then one inverse-CDF draw per row
+(`inverse_cdf_draw`: one uniform per row, a two-level cumulative sum; exact in distribution, and
+no argmax over the vocabulary). The uniform of output row n at step t is
+`uniform(fold_in(rng, t), [N])[n]`: with `jax_threefry_partitionable` it does not depend on how the
+batch is sharded or which rows are still working, so 1 device and 8 devices, and compacted and
+one-program decodes, give the same tokens.
 
 Sharding: with `mesh`, prompts and outputs are sharded over the batch axes
 (`grpo_jax.sharding.batch_sharding`), the cache like the activations (`cache_logical_axes`),
-parameters as given (the training layout). B*G must divide by the mesh's batch multiple.
+parameters as given (the training layout). B*G and every row bucket divide by the mesh's batch
+multiple.
 
 Lower-level pieces for multi-turn rollouts (Search-R1): `prefill` (prompt -> cache, next-token
 logits), `append` (extend a cache with given tokens, e.g. retrieved text, without re-prefilling
-the history) and `decode` (sample from a cache until stop tokens or the budget).
+the history) and `decode` (sample from a cache until stop tokens or the budget; one program on the
+stacked `KVCache`, converted to the per-layer layout for the loop and back, reading only a
+power-of-two prefix of the slots when `cache_index` is a Python int).
 """
 
 from __future__ import annotations
@@ -170,12 +185,89 @@ def filter_logits(logits_NxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> 
   return jnp.where(logits_NxV < threshold_N, -jnp.inf, logits_NxV)
 
 
+# Vocabulary block of the two-level inverse-CDF draw: a cumulative sum over V/C block masses,
+# then over the C tokens of the chosen block (O(V) work, no full-vocabulary scan or argmax).
+_DRAW_BLOCK = 256
+
+
+def _first_max(x_NxV: jax.Array) -> jax.Array:
+  """argmax (first index of the max) as two plain reductions; XLA:CPU's variadic argmax is slow."""
+  V = x_NxV.shape[-1]
+  m_N = jnp.max(x_NxV, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
+  return jnp.min(jnp.where(x_NxV == m_N, iota, V), axis=-1).astype(jnp.int32)
+
+
+def inverse_cdf_draw(u_N: jax.Array, weights_NxV: jax.Array) -> jax.Array:
+  """Token i with probability w_i / sum(w), by inverting the CDF at u * sum(w), u ~ U[0, 1).
+
+  Exact in distribution up to float32 rounding of the cumulative sums, and never a token of
+  weight 0 (the search is clamped to the first / last positive weight). Two levels: block masses
+  of `_DRAW_BLOCK` tokens, then the tokens of the chosen block.
+
+  Args:
+    u_N: one uniform in [0, 1) per row.
+    weights_NxV: non-negative float32 weights, at least one positive per row.
+  """
+  N, V = weights_NxV.shape
+  C = min(_DRAW_BLOCK, V)
+  nb = -(-V // C)
+  w_NxBxC = jnp.pad(weights_NxV, ((0, 0), (0, nb * C - V))).reshape(N, nb, C)
+  bsum_NxB = jnp.sum(w_NxBxC, axis=-1)
+  cum_NxB = jnp.cumsum(bsum_NxB, axis=-1)
+  target_N = u_N.astype(jnp.float32) * cum_NxB[:, -1]
+
+  def clamp_to_support(i_N, w_NxK):
+    K = w_NxK.shape[-1]
+    pos_NxK = w_NxK > 0
+    iota = jax.lax.broadcasted_iota(jnp.int32, w_NxK.shape, 1)
+    first_N = jnp.min(jnp.where(pos_NxK, iota, K), axis=-1)
+    last_N = jnp.max(jnp.where(pos_NxK, iota, -1), axis=-1)
+    return jnp.clip(i_N, first_N, last_N)
+
+  blk_N = clamp_to_support(jnp.sum(cum_NxB <= target_N[:, None], axis=-1, dtype=jnp.int32),
+                           bsum_NxB)
+  before_N = (jnp.take_along_axis(cum_NxB, blk_N[:, None], axis=1)
+              - jnp.take_along_axis(bsum_NxB, blk_N[:, None], axis=1))[:, 0]
+  wb_NxC = jnp.take_along_axis(w_NxBxC, blk_N[:, None, None], axis=1)[:, 0]
+  cumb_NxC = jnp.cumsum(wb_NxC, axis=-1)
+  j_N = jnp.sum(cumb_NxC <= (target_N - before_N)[:, None], axis=-1, dtype=jnp.int32)
+  return blk_N * C + clamp_to_support(j_N, wb_NxC)
+
+
+def sample_tokens_uniform(u_N: jax.Array, logits_NxV: jax.Array, temperature: float,
+                          top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """`sample_tokens` with the row's uniform given: an inverse-CDF draw over the filtered support.
+
+  The exponentials of the tempered logits serve both the draw (zeroed outside the top-k / top-p
+  support) and the log-normaliser of the unfiltered distribution, so a step costs one pass of exp
+  over [N, V], a max, two sums and small cumulative sums.
+  """
+  logits_NxV = logits_NxV.astype(jnp.float32)
+  if temperature == 0.0:
+    tok_N = _first_max(logits_NxV)
+    scaled_NxV = logits_NxV
+    m_N = jnp.max(scaled_NxV, axis=-1)
+    e_NxV = jnp.exp(scaled_NxV - m_N[:, None])
+  else:
+    scaled_NxV = logits_NxV / jnp.float32(temperature)
+    m_N = jnp.max(scaled_NxV, axis=-1)
+    e_NxV = jnp.exp(scaled_NxV - m_N[:, None])
+    filtered_NxV = filter_logits(scaled_NxV, top_k, top_p)
+    w_NxV = e_NxV if filtered_NxV is scaled_NxV else jnp.where(
+        filtered_NxV > -jnp.inf, e_NxV, 0.0)
+    tok_N = inverse_cdf_draw(u_N, w_NxV)
+  logz_N = m_N + jnp.log(jnp.sum(e_NxV, axis=-1))
+  picked_N = jnp.take_along_axis(scaled_NxV, tok_N[:, None], axis=-1)[:, 0]
+  return tok_N, picked_N - logz_N
+
+
 def sample_tokens(key: jax.Array, logits_NxV: jax.Array, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """One token per row and its log-probability under softmax(logits / T).
 
   Args:
-    key: PRNG key (unused when greedy).
+    key: PRNG key (unused when greedy); one uniform per row is drawn from it.
     logits_NxV: float32 logits of the next token.
     temperature: 0 = greedy (argmax; log-prob at T = 1).
     top_k, top_p: support filters, see `filter_logits`.
@@ -183,17 +275,8 @@ def sample_tokens(key: jax.Array, logits_NxV: jax.Array, temperature: float, top
   Returns:
     (tokens_N int32, logprobs_N float32); the log-prob is of the unfiltered tempered distribution.
   """
-  logits_NxV = logits_NxV.astype(jnp.float32)
-  if temperature == 0.0:
-    tok_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
-    scaled_NxV = logits_NxV
-  else:
-    scaled_NxV = logits_NxV / jnp.float32(temperature)
-    filtered_NxV = filter_logits(scaled_NxV, top_k, top_p)
-    tok_N = jax.random.categorical(key, filtered_NxV, axis=-1).astype(jnp.int32)
-  logz_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
-  picked_N = jnp.take_along_axis(scaled_NxV, tok_N[:, None], axis=-1)[:, 0]
-  return tok_N, picked_N - logz_N
+  u_N = jax.random.uniform(key, logits_NxV.shape[:1], jnp.float32)
+  return sample_tokens_uniform(u_N, logits_NxV, temperature, top_k, top_p)
 
 
 # ----------------------------------------------------------------------------- sharding helpers
@@ -251,52 +334,134 @@ def _prefill(model, ids_BxP, mask_BxP, max_len: int, mesh):
   return _extend(model, cache, ids_BxP, mask_BxP, jnp.int32(0), None, mesh)
 
 
-def _decode(model, cache, logits_NxV, cache_index, rng, *, max_new_tokens, temperature, top_k,
-            top_p, stop_token_ids, pad_token_id, budget_N, mesh):
-  """The while loop; see the module docstring. Returns (SampleOutput, cache, last logits)."""
+@flax.struct.dataclass
+class _DecodeState:
+  """The decode loop's carry: M working rows (a subset of the N output rows), see `_decode_steps`.
+
+  rows_M maps a working row to its output row (N = a padding row, whose writes are dropped);
+  cache slot of step t is idx0 + t; outputs are the full [N, R] arrays.
+  """
+
+  t: jax.Array  # int32 scalar, the next step
+  idx0: jax.Array  # int32 scalar, the cache slot of step 0
+  cache: decoder_lib.DecodeCache  # M rows
+  logits: jax.Array  # float32 [M, V]
+  done: jax.Array  # bool [M]
+  stopped: jax.Array  # bool [M]
+  pos: jax.Array  # int32 [M], the next token's position
+  budget: jax.Array  # int32 [M]
+  rows: jax.Array  # int32 [M]
+  tokens: jax.Array  # int32 [N, R]
+  mask: jax.Array  # int32 [N, R]
+  logprobs: jax.Array  # float32 [N, R]
+  truncated: jax.Array  # bool [N]
+
+
+def _constrain_state(st: _DecodeState, mesh: Mesh | None) -> _DecodeState:
+  if mesh is None:
+    return st
+  axes = decoder_lib.decode_cache_logical_axes(len(st.cache.k))
+  cache = jax.tree.map(lambda x, a: _constrain(x, a, mesh), st.cache, axes,
+                       is_leaf=lambda a: isinstance(a, tuple) and isinstance(a[0], str))
+  return st.replace(cache=cache, logits=_batch(st.logits, mesh), done=_batch(st.done, mesh),
+                    stopped=_batch(st.stopped, mesh), pos=_batch(st.pos, mesh),
+                    budget=_batch(st.budget, mesh), rows=_batch(st.rows, mesh),
+                    tokens=_batch(st.tokens, mesh), mask=_batch(st.mask, mesh),
+                    logprobs=_batch(st.logprobs, mesh), truncated=_batch(st.truncated, mesh))
+
+
+def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, *, max_new_tokens,
+                  temperature, top_k, top_p, stop_token_ids, pad_token_id, mesh) -> _DecodeState:
+  """Decodes steps t in [st.t, min(t_end, R)) until every working row is done. See the docstring.
+
+  Every live row's token (the stop token too: it is context for a later turn) is fed at cache slot
+  idx0 + t; rows that are done ride along at mask 0 and write invalid slots no query reads. The
+  uniform of output row n at step t is uniform(fold_in(rng, t), [N])[n], whatever the working
+  batch, so compaction and sharding do not change the draws.
+  """
+  N, R = st.tokens.shape
+  stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
+  t_stop = jnp.minimum(jnp.asarray(t_end, jnp.int32), R)
+
+  def cond(st):
+    return (st.t < t_stop) & ~jnp.all(st.done)
+
+  def body(st):
+    t = st.t
+    u_N = jax.random.uniform(jax.random.fold_in(rng, t), (N,), jnp.float32)
+    u_M = jnp.take(u_N, st.rows, mode="clip")
+    tok_M, logp_M = sample_tokens_uniform(u_M, st.logits, temperature, top_k, top_p)
+    live_M = ~st.done
+    tok_M = jnp.where(live_M, tok_M, jnp.int32(pad_token_id))
+    hit_M = live_M & jnp.any(tok_M[:, None] == stops[None, :], axis=1)
+    # Only live rows write: a done row's output columns already hold pad / 0.
+    rows_M = jnp.where(live_M, st.rows, N)
+    tokens = st.tokens.at[rows_M, t].set(tok_M, mode="drop")
+    mask = st.mask.at[rows_M, t].set(1, mode="drop")
+    logprobs = st.logprobs.at[rows_M, t].set(logp_M, mode="drop")
+    hidden_Mx1xE, cache = decoder_lib.decode_hidden(config, params_u, tok_M, live_M, st.pos,
+                                                    st.cache, st.idx0 + t, lora=lora)
+    logits_MxV = decoder_lib.head_logits(config, params_u, hidden_Mx1xE)[:, 0]
+    stopped = st.stopped | hit_M
+    st = st.replace(t=t + 1, cache=cache, logits=logits_MxV, stopped=stopped,
+                    done=st.done | hit_M | (t + 1 >= st.budget), pos=st.pos + live_M,
+                    tokens=tokens, mask=mask, logprobs=logprobs)
+    return _constrain_state(st, mesh)
+
+  st = jax.lax.while_loop(cond, body, st)
+  truncated = st.truncated.at[st.rows].set(~st.stopped, mode="drop")
+  return st.replace(truncated=truncated)
+
+
+def _init_state(cache, logits_NxV, idx0, budget_N, *, max_new_tokens, pad_token_id, mesh):
+  """A fresh `_DecodeState` of all N rows (cache already in the per-layer layout)."""
   N = logits_NxV.shape[0]
   R = max_new_tokens
-  idx0 = jnp.asarray(cache_index, jnp.int32)
-  # The next position of a row is its number of real tokens so far (left- or right-padded alike).
-  pos0_N = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
-  stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
   if budget_N is None:
     budget_N = jnp.full((N,), R, jnp.int32)
-  budget_N = _batch(jnp.minimum(jnp.asarray(budget_N, jnp.int32), R), mesh)
+  budget_N = jnp.minimum(jnp.asarray(budget_N, jnp.int32), R)
+  st = _DecodeState(
+      t=jnp.int32(0), idx0=jnp.asarray(idx0, jnp.int32), cache=cache,
+      logits=logits_NxV.astype(jnp.float32), done=budget_N <= 0,
+      stopped=jnp.zeros((N,), jnp.bool_),
+      # The next position of a row is its number of real tokens so far (any padding side).
+      pos=jnp.sum(cache.valid, axis=1, dtype=jnp.int32), budget=budget_N,
+      rows=jnp.arange(N, dtype=jnp.int32), tokens=jnp.full((N, R), pad_token_id, jnp.int32),
+      mask=jnp.zeros((N, R), jnp.int32), logprobs=jnp.zeros((N, R), jnp.float32),
+      truncated=jnp.ones((N,), jnp.bool_))
+  return _constrain_state(st, mesh)
 
-  def cond(carry):
-    t, done_N = carry[0], carry[3]
-    return (t < R) & ~jnp.all(done_N)
 
-  def body(carry):
-    t, cache, logits_NxV, done_N, stopped_N, toks_NxR, mask_NxR, logp_NxR = carry
-    tok_N, logp_N = sample_tokens(jax.random.fold_in(rng, t), logits_NxV, temperature, top_k,
-                                  top_p)
-    live_N = ~done_N
-    tok_N = jnp.where(live_N, tok_N, jnp.int32(pad_token_id))
-    hit_N = live_N & jnp.any(tok_N[:, None] == stops[None, :], axis=1)
-    col = (jnp.int32(0), t)
-    toks_NxR = jax.lax.dynamic_update_slice(toks_NxR, tok_N[:, None], col)
-    mask_NxR = jax.lax.dynamic_update_slice(mask_NxR, live_N[:, None].astype(jnp.int32), col)
-    logp_NxR = jax.lax.dynamic_update_slice(logp_NxR, jnp.where(live_N, logp_N, 0.0)[:, None], col)
-    # Feed every live row's token (the stop token too: it is context for a later turn).
-    logits_Nx1xV, cache = model(tok_N[:, None], attention_mask=live_N[:, None].astype(jnp.int32),
-                                positions=(pos0_N + t)[:, None], cache=cache,
-                                cache_index=idx0 + t)
-    stopped_N = stopped_N | hit_N
-    done_N = done_N | hit_N | (t + 1 >= budget_N)
-    return (t + 1, _constrain_cache(cache, mesh), _batch(logits_Nx1xV[:, 0], mesh), done_N,
-            stopped_N, toks_NxR, mask_NxR, logp_NxR)
+def _output(st: _DecodeState, mesh) -> SampleOutput:
+  return SampleOutput(tokens=_batch(st.tokens, mesh), mask=_batch(st.mask, mesh),
+                      logprobs=_batch(st.logprobs, mesh), truncated=_batch(st.truncated, mesh))
 
-  init = (jnp.int32(0), cache, logits_NxV.astype(jnp.float32),
-          _batch(budget_N <= 0, mesh), _batch(jnp.zeros((N,), jnp.bool_), mesh),
-          _batch(jnp.full((N, R), pad_token_id, jnp.int32), mesh),
-          _batch(jnp.zeros((N, R), jnp.int32), mesh),
-          _batch(jnp.zeros((N, R), jnp.float32), mesh))
-  _, cache, logits_NxV, _, stopped_N, toks, mask, logp = jax.lax.while_loop(cond, body, init)
-  out = SampleOutput(tokens=_batch(toks, mesh), mask=_batch(mask, mesh),
-                     logprobs=_batch(logp, mesh), truncated=_batch(~stopped_N, mesh))
-  return out, cache, logits_NxV
+
+def _decode_arrays(model, use_lora: bool = True) -> dict[str, Any]:
+  """The model's arrays in the decode layout: layers unstacked (one copy), the LM head."""
+  params = model.arrays(use_lora)
+  if not model.config.tie_word_embeddings:
+    params["lm_head"] = model.lm_head[...]
+  return decoder_lib.unstack_layers(params, model.config.num_layers)
+
+
+def _decode(model, cache, logits_NxV, cache_index, rng, *, max_new_tokens, temperature, top_k,
+            top_p, stop_token_ids, pad_token_id, budget_N, mesh, length=None):
+  """All R steps in one loop on a stacked cache. Returns (SampleOutput, cache, last logits).
+
+  Only the first `length` slots (all if None) are read and written: a caller that knows the
+  cache index passes what the R steps reach, so the step time follows the context, not the
+  preallocated slots.
+  """
+  dcache = decoder_lib.to_decode_cache(cache, length)
+  st = _init_state(dcache, logits_NxV, cache_index, budget_N, max_new_tokens=max_new_tokens,
+                   pad_token_id=pad_token_id, mesh=mesh)
+  st = _decode_steps(model.config, getattr(model, "lora_config", None), _decode_arrays(model), st,
+                     rng, max_new_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids,
+                     pad_token_id=pad_token_id, mesh=mesh)
+  cache = _constrain_cache(decoder_lib.from_decode_cache(st.cache, cache), mesh)
+  return _output(st, mesh), cache, st.logits
 
 
 def _prefill_groups(model, ids_BxP, mask_BxP, max_len: int, group_size: int, mesh):
@@ -332,15 +497,70 @@ def _append_jit(graphdef, params, cache, ids_BxT, mask_BxT, cache_index, prev_lo
                  mesh)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=_SAMPLING_STATIC)
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=_SAMPLING_STATIC + ("length",))
 def _decode_jit(graphdef, params, cache, logits_NxV, cache_index, rng, budget_N, **static):
   return _decode(nnx.merge(graphdef, params), cache, logits_NxV, cache_index, rng,
                  budget_N=budget_N, **static)
 
 
+# Steps per device call of `generate`; between calls the host drops finished rows and grows the
+# cache. Small enough that a finished row idles at most C - 1 steps, large enough that the
+# host round trip (one [M] bool read) is noise next to C steps of the model.
+_CHUNK = 8
+
+
+def row_bucket(num_active: int, num_rows: int, multiple: int = 1) -> int:
+  """Working rows for `num_active` live rows: `bucket_length` sizes (minimum 4, at most 1/3
+  padding) rounded up to the mesh's batch multiple, at most `num_rows`."""
+  b = bucket_length(max(num_active, 1), minimum=4)
+  return min(-(-b // multiple) * multiple, num_rows)
+
+
+def _slot_bucket(steps: int, max_new_tokens: int) -> int:
+  """Decode slots held for the first `steps` steps: a power of two >= steps, at most R (+ chunk)."""
+  cap = -(-max_new_tokens // _CHUNK) * _CHUNK
+  return min(1 << max(steps - 1, 0).bit_length(), cap)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("group_size", "max_new_tokens", "slots", "pad_token_id", "mesh"))
+def _start_jit(graphdef, params, ids_BxP, mask_BxP, *, group_size, max_new_tokens, slots,
+               pad_token_id, mesh):
+  """Prefill once per prompt, repeat G times, per-layer cache of P + slots; unstacked weights."""
+  model = nnx.merge(graphdef, params)
+  P = ids_BxP.shape[1]
+  cache, logits_NxV = _prefill_groups(model, _batch(ids_BxP, mesh), _batch(mask_BxP, mesh), P,
+                                      group_size, mesh)
+  dcache = decoder_lib.resize_decode_cache(decoder_lib.to_decode_cache(cache), None, P + slots)
+  st = _init_state(dcache, logits_NxV, P, None, max_new_tokens=max_new_tokens,
+                   pad_token_id=pad_token_id, mesh=mesh)
+  return _decode_arrays(model), st
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,),
+                   static_argnames=_SAMPLING_STATIC)
+def _chunk_jit(config, lora, params_u, st, rng, t_end, **static):
+  return _decode_steps(config, lora, params_u, st, rng, t_end, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "mesh"))
+def _resize_jit(st, sel_M, *, length, mesh):
+  """Keeps working rows sel_M (-1 = a padding row, done) and holds `length` cache slots."""
+  keep_M = sel_M >= 0
+  src_M = jnp.maximum(sel_M, 0)
+  take = lambda x: jnp.take(x, src_M, axis=0)
+  N = st.tokens.shape[0]
+  st = st.replace(cache=decoder_lib.resize_decode_cache(st.cache, src_M, length),
+                  logits=take(st.logits), done=take(st.done) | ~keep_M,
+                  stopped=take(st.stopped) & keep_M, pos=take(st.pos), budget=take(st.budget),
+                  rows=jnp.where(keep_M, take(st.rows), N))
+  return _constrain_state(st, mesh)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=_SAMPLING_STATIC + ("group_size",))
 def _generate_jit(graphdef, params, ids_BxP, mask_BxP, rng, *, group_size, max_new_tokens,
                   mesh, **static):
+  """The whole of `generate(compact=False)` in one program: every row, P + R slots, R steps."""
   model = nnx.merge(graphdef, params)
   P = ids_BxP.shape[1]
   cache, logits_NxV = _prefill_groups(model, _batch(ids_BxP, mesh), _batch(mask_BxP, mesh),
@@ -365,8 +585,8 @@ def _place(tree, mesh):
 def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
              rng: jax.Array, *, group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
-             pad_token_id: int = 0, mesh: Mesh | None = None,
-             bucket: bool = True) -> SampleOutput:
+             pad_token_id: int = 0, mesh: Mesh | None = None, bucket: bool = True,
+             compact: bool = True) -> SampleOutput:
   """G sampled responses per prompt, each prompt prefilled once.
 
   Args:
@@ -383,6 +603,9 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
     pad_token_id: written after a row stops, and used to pad prompts to their bucket.
     mesh: the training mesh; prompts and outputs are sharded over its batch axes.
     bucket: left-pad P to `bucket_length(P)` so that varying prompt lengths share compiles.
+    compact: decode in chunks that drop finished rows and hold only the slots read so far (see
+      the module docstring); False runs one program over all rows and P + R slots (same tokens,
+      for tests and memory analysis).
 
   Returns:
     A `SampleOutput` with [B*G, R] tokens / mask / logprobs and [B*G] truncated.
@@ -403,10 +626,60 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
   if bucket and bucket_length(P) != P:
     prompt_ids, prompt_mask = _left_pad(prompt_ids, prompt_mask, length=bucket_length(P),
                                         pad_token_id=pad_token_id)
-  return _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng, group_size=group_size,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
-                       mesh=mesh)
+  P = np.shape(prompt_ids)[1]
+  if not compact:
+    return _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng, group_size=group_size,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                         mesh=mesh)
+  static = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, mesh=mesh)
+  R = max_new_tokens
+  slots = _slot_bucket(_CHUNK, R)
+  params_u, st = _start_jit(graphdef, params, prompt_ids, prompt_mask, group_size=group_size,
+                            max_new_tokens=R, slots=slots, pad_token_id=pad_token_id, mesh=mesh)
+  config = graphdef_config(graphdef, params)
+  lora = graphdef_lora(graphdef, params)
+  N = np.shape(prompt_ids)[0] * group_size
+  multiple = 1 if mesh is None else sharding_lib.batch_size_multiple(mesh,
+                                                                     sharding_lib.ROLLOUT_RULES)
+  rows = N
+  for t0 in range(0, R, _CHUNK):
+    if t0 > 0:
+      # Finished rows leave the batch and the cache grows to what the next chunk reads: the
+      # only host round trip, one [M] bool read per chunk.
+      live_M = ~np.asarray(st.done)
+      if not live_M.any():
+        break
+      new_rows = row_bucket(int(live_M.sum()), N, multiple)
+      new_slots = _slot_bucket(t0 + _CHUNK, R)
+      if new_rows < rows or new_slots > slots:
+        sel = np.full((new_rows,), -1, np.int32)
+        if new_rows < rows:
+          live_idx = np.flatnonzero(live_M)
+          sel[:live_idx.size] = live_idx
+        else:
+          sel[:rows] = np.arange(rows)
+        st = _resize_jit(st, _place(sel, mesh), length=P + new_slots, mesh=mesh)
+        rows, slots = new_rows, new_slots
+    st = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t0 + _CHUNK), **static)
+  return _output(st, None)
+
+
+def graphdef_config(graphdef: nnx.GraphDef, params: Any):
+  """The ModelConfig of a split Decoder (read from the graph definition, no arrays touched)."""
+  return _model_meta(graphdef, params)[0]
+
+
+def graphdef_lora(graphdef: nnx.GraphDef, params: Any):
+  """The LoraConfig of a split Decoder, or None."""
+  return _model_meta(graphdef, params)[1]
+
+
+def _model_meta(graphdef, params):
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
+  model = nnx.merge(graphdef, abstract)
+  return model.config, getattr(model, "lora_config", None)
 
 
 def prefill(graphdef: nnx.GraphDef, params: Any, ids: jax.Array, mask: jax.Array, max_len: int,
@@ -499,7 +772,12 @@ def decode(graphdef: nnx.GraphDef, params: Any, cache: decoder_lib.KVCache, last
   if last_logits.shape[0] != cache.valid.shape[0]:
     raise ValueError(f"last_logits: expected {cache.valid.shape[0]} rows (the cache's batch), got "
                      f"{last_logits.shape[0]}")
+  length = None
+  if isinstance(cache_index, (int, np.integer)):
+    # Slots past cache_index + R are never read: decode on a power-of-two prefix of the cache.
+    end = int(cache_index) + max_new_tokens
+    length = min(1 << (end - 1).bit_length(), cache.valid.shape[1])
   return _decode_jit(graphdef, params, cache, last_logits, jnp.asarray(cache_index, jnp.int32), rng,
                      budget, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
-                     mesh=mesh)
+                     mesh=mesh, length=length)

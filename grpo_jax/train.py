@@ -166,9 +166,11 @@ def assemble_batch(prompt_ids_BxP, prompt_mask_BxP, completions_NxR, completion_
     extra["lengths"] = completion_mask_NxR.sum(axis=1).astype(jnp.float32)
   if estimator == "remax":
     extra["baseline"] = baseline_N
+  # The ids are repeat(arange(B), G): row reductions of [B, G], no scatter (advantages.py).
   advantages_N = adv_lib.compute_advantages(rewards_N, gids_N, num_groups, estimator=estimator,
-                                            eps=adv_eps, **extra)
-  mean_G, std_G, count_G = adv_lib.group_stats(rewards_N, gids_N, num_groups)
+                                            eps=adv_eps, group_size=group_size, **extra)
+  mean_G, std_G, count_G = adv_lib.group_stats(rewards_N, gids_N, num_groups,
+                                               group_size=group_size)
   spread_G = (std_G > 0).astype(jnp.float32)
   keep_N = spread_G[gids_N] if filter_zero_std else jnp.ones_like(rewards_N)
   response_mask = completion_mask_NxR.astype(jnp.float32)

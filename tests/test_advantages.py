@@ -146,6 +146,45 @@ def test_matches_reference_on_random_uneven_shuffled_padded(estimator):
   assert np.all(np.asarray(got)[~valid] == 0)
 
 
+@pytest.mark.parametrize("G", [4, 32])  # column chain / row reduction
+@pytest.mark.parametrize("estimator", ALL)
+def test_contiguous_group_size_path_equals_segment_path(estimator, G):
+  """group_size=G (reductions of [B, G]) == the segment path == the reference, jitted too."""
+  rng = np.random.default_rng(7)
+  B = 9
+  ids = np.repeat(np.arange(B), G).astype(np.int32)
+  r = rng.random(B * G).astype(np.float32)
+  r[G:2 * G] = 0.5  # an all-equal group
+  r[2 * G:3 * G:2] = 1.0  # ties at the max
+  valid = rng.random(B * G) > 0.2
+  valid[3 * G:4 * G] = False
+  valid[3 * G] = True  # a group of one
+  valid[4 * G:5 * G] = False  # an empty group
+  if estimator == "grpo_passk":
+    valid[:] = True
+  kw = extra_kwargs(estimator, rng, len(r))
+  seg = adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=valid, **kw)
+  rows = adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=valid, group_size=G, **kw)
+  np.testing.assert_allclose(rows, seg, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(rows, ref_advantages(estimator, r, ids, valid=valid, **kw),
+                             rtol=2e-5, atol=2e-5)
+  fn = jax.jit(adv_lib.compute_advantages,
+               static_argnames=("num_groups", "estimator", "group_size"))
+  np.testing.assert_allclose(fn(r, ids, num_groups=B, estimator=estimator, valid=valid,
+                                group_size=G, **kw), seg, rtol=1e-6, atol=1e-6)
+  for a, b in zip(adv_lib.group_stats(r, ids, B, valid=valid, group_size=G),
+                  adv_lib.group_stats(r, ids, B, valid=valid)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_contiguous_group_size_checks_the_ids():
+  r = np.zeros(8, np.float32)
+  with pytest.raises(ValueError, match="group_ids: with group_size=4"):
+    adv_lib.compute_advantages(r, np.array([0, 1] * 4, np.int32), 2, group_size=4)
+  with pytest.raises(ValueError, match="group_size: 2 groups of 3"):
+    adv_lib.compute_advantages(r, np.repeat(np.arange(2), 4).astype(np.int32), 2, group_size=3)
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "grpo_batch_std", "grpo_passk"])
 def test_ddof_and_eps_are_arguments(estimator):
   rng = np.random.default_rng(1)

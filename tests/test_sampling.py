@@ -178,6 +178,75 @@ def test_first_token_matches_softmax_chi_square():
     assert pvalue > 1e-3, (top_k, counts, 4000 * p)
 
 
+def test_inverse_cdf_draw_matches_weights_across_blocks():
+  # V = 700: three 256-token blocks (the last one padded), zero weights scattered in between.
+  rng = np.random.default_rng(3)
+  w = rng.random(700) ** 4
+  w[rng.random(700) < 0.5] = 0.0
+  w[:300] = 0.0  # a whole leading block and more without mass
+  n = 20000
+  u = jax.random.uniform(jax.random.key(0), (n,))
+  tok = np.asarray(sampling.inverse_cdf_draw(u, jnp.broadcast_to(jnp.asarray(w, jnp.float32),
+                                                                    (n, 700))))
+  counts = np.bincount(tok, minlength=700)
+  assert (counts[w == 0] == 0).all(), "a zero-weight token was drawn"
+  p = w / w.sum()
+  top = np.argsort(-p)[:30]  # the 30 heaviest tokens, the rest pooled
+  obs = np.append(counts[top], n - counts[top].sum())
+  exp = np.append(n * p[top], n * (1 - p[top].sum()))
+  assert scipy.stats.chisquare(obs, exp)[1] > 1e-3
+  # The ends of [0, 1) land on the first and the last positive weight.
+  edge = np.asarray(sampling.inverse_cdf_draw(jnp.array([0.0, np.nextafter(1.0, 0.0)], jnp.float32),
+                                              jnp.asarray(np.stack([w, w]), jnp.float32)))
+  assert edge.tolist() == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
+
+
+def test_decode_step_equals_cached_forward():
+  """decode_hidden on the per-layer layout == decoder_hidden's cached T = 1 call, cache included."""
+  from grpo_jax.models import decoder as dec
+  graphdef, params = _split()
+  model = nnx.merge(graphdef, params)
+  cfg = model.config
+  ids, mask = _prompts([5, 2, 7], P=7, seed=4)
+  cache = dec.init_cache(cfg, 3, 12)
+  _, cache = model(ids, attention_mask=mask, cache=cache, cache_index=0, return_hidden=True)
+  tok = jnp.array([3, 9, 4], jnp.int32)
+  live = jnp.array([1, 0, 1], jnp.int32)
+  pos = jnp.array([5, 2, 7], jnp.int32)
+  want_h, want_cache = dec.decoder_hidden(cfg, model.arrays(), tok[:, None], live[:, None],
+                                          pos[:, None], cache, jnp.int32(7))
+  arrays = sampling._decode_arrays(model)  # unstacked layers + the LM head
+  got_h, got_dc = dec.decode_hidden(cfg, arrays, tok, live, pos, dec.to_decode_cache(cache, 9),
+                                    jnp.int32(7))
+  np.testing.assert_allclose(got_h, want_h, rtol=1e-5, atol=1e-5)
+  got_cache = dec.from_decode_cache(got_dc, cache)
+  for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v),
+               (got_cache.valid, want_cache.valid)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dec.head_logits(cfg, arrays, got_h), model.logits(want_h),
+                             rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9),
+                                dict(temperature=0.0)])
+def test_compacting_generate_equals_one_program(kw):
+  """Finished rows leaving the batch (chunks, row buckets, growing slots) change no output."""
+  graphdef, params = _split(vocab_size=24, head_scale=4.0)
+  ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10, vocab=24)
+  # Frequent stop tokens on a small vocabulary: rows end at spread-out steps, so the 16 rows
+  # shrink through several buckets over the 40 steps (5 chunks of sampling._CHUNK = 8).
+  kw = dict(group_size=4, max_new_tokens=40, stop_token_ids=(5, 9, 13), **kw)
+  one = _gen(graphdef, params, ids, mask, key=3, compact=False, **kw)
+  chunked = _gen(graphdef, params, ids, mask, key=3, **kw)
+  lengths = np.asarray(one.mask).sum(1)
+  if kw["temperature"] > 0:
+    assert lengths.min() < 16 and lengths.max() > 16, lengths  # rows left at different chunks
+  np.testing.assert_array_equal(np.asarray(chunked.tokens), np.asarray(one.tokens))
+  np.testing.assert_array_equal(np.asarray(chunked.mask), np.asarray(one.mask))
+  np.testing.assert_array_equal(np.asarray(chunked.truncated), np.asarray(one.truncated))
+  np.testing.assert_allclose(np.asarray(chunked.logprobs), np.asarray(one.logprobs), atol=1e-5)
+
+
 def _nucleus(z, top_k, top_p):
   """NumPy re-derivation of the allowed token set of one row (HF order: top-k, then top-p)."""
   order = np.argsort(-z, kind="stable")
@@ -267,7 +336,7 @@ def test_prefill_flops_do_not_grow_with_group_size():
 def test_compiles_once_per_prompt_bucket():
   graphdef, params = _split()
   kw = dict(group_size=2, max_new_tokens=4, temperature=0.9, top_k=7, stop_token_ids=(3,))
-  jitted = sampling._generate_jit
+  jitted = sampling._start_jit  # the prefill; decode chunks compile per row and slot bucket
   _gen(graphdef, params, *_prompts([5, 2], P=5), key=0, **kw)
   before = jitted._cache_size()
   for key, (lengths, P) in enumerate([([3, 9], 9), ([16, 1], 16), ([4, 4], 5)]):  # bucket 16

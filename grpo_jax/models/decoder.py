@@ -215,8 +215,11 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
 
 def _block(config: ModelConfig, w: Mapping[str, Any], x_BxTxE: jax.Array,
            cos_BxTxD: jax.Array, sin_BxTxD: jax.Array, kv_fn,
-           lora: lora_lib.LoraConfig | None = None) -> jax.Array:
+           lora: lora_lib.LoraConfig | None = None, attend=None) -> jax.Array:
   """One pre-norm decoder block. `kv_fn(k, v) -> (keys, values, mask_BxTxS)` hides the cache.
+
+  `attend(q, k, v) -> [B, T, H, D]` (when given) replaces `kv_fn` and the dense attention: the
+  decode step's per-layer cache and attention (`decode_hidden`).
 
   With `w["lora"]` ({projection: {"a", "b"}}, one layer's factors) each adapted projection adds
   `lora_delta`; `w["lora_rng"]` (one key per layer) switches the adapter dropout on.
@@ -250,8 +253,11 @@ def _block(config: ModelConfig, w: Mapping[str, Any], x_BxTxE: jax.Array,
     k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
   q = apply_rope(q, cos_BxTxD, sin_BxTxD)
   k = apply_rope(k, cos_BxTxD, sin_BxTxD)
-  keys, values, mask_BxTxS = kv_fn(k, v)
-  attn_BxTxHxD = attention(q, keys.astype(dt), values.astype(dt), mask_BxTxS)
+  if attend is not None:
+    attn_BxTxHxD = attend(q, k, v)
+  else:
+    keys, values, mask_BxTxS = kv_fn(k, v)
+    attn_BxTxHxD = attention(q, keys.astype(dt), values.astype(dt), mask_BxTxS)
   x_BxTxE = x_BxTxE + proj("o_proj", "bthd,hde->bte", attn_BxTxHxD)
   h_BxTxE = rms_norm(x_BxTxE, w["mlp_norm"], config.rms_norm_eps)
   # The MLP runs on [B*T, E] rows: with 3-D einsums XLA:CPU wrote a transposed [F, B*T] copy of
@@ -362,6 +368,154 @@ def decoder_hidden(config: ModelConfig, params: Mapping[str, Any], input_ids_BxT
 
   hidden_BxTxE = rms_norm(x_BxTxE, params["final_norm"], config.rms_norm_eps)
   return hidden_BxTxE, new_cache
+
+
+# ----------------------------------------------------------------------------- decode step
+#
+# One token per row, the hot loop of rollouts. Two things make the layer-scan forward above slow
+# there (bench/decode_step.py profiles both): a scan reads layer l's weights and cache with a
+# dynamic slice, which XLA materialises (a copy of every weight and of every row's whole K/V per
+# layer and step), and a dense [B, S, K, D] cache makes the score einsum transpose K per layer.
+# So the decode step runs on its own layout: the weights unstacked once per rollout
+# (`unstack_layers`: one copy per call, not per step), the layer loop unrolled in Python, and
+# each layer's cache a separate [N, K, S, D] buffer updated in place in the decode loop's carry,
+# heads-major so that both attention einsums are plain batched matmuls over (row, kv head).
+
+
+@flax.struct.dataclass
+class DecodeCache:
+  """Per-layer decode cache: k, v tuples of L arrays [N, K, S, D]; valid [N, S] bool."""
+
+  k: tuple
+  v: tuple
+  valid: jax.Array
+
+
+def decode_cache_logical_axes(num_layers: int) -> DecodeCache:
+  """Logical axis names of a `DecodeCache` (sharded like `cache_logical_axes`)."""
+  kv = ("batch", "kv_heads", "length", "head_dim")
+  return DecodeCache(k=(kv,) * num_layers, v=(kv,) * num_layers, valid=("batch", "length"))
+
+
+def to_decode_cache(cache: KVCache, length: int | None = None) -> DecodeCache:
+  """The first `length` slots (all by default) of a stacked cache, in the per-layer layout."""
+  S = cache.valid.shape[1] if length is None else length
+  if S > cache.valid.shape[1]:
+    raise ValueError(f"length: {S} exceeds the cache's {cache.valid.shape[1]} slots")
+  per_layer = lambda a: tuple(jnp.transpose(a[l, :, :S], (0, 2, 1, 3)) for l in range(a.shape[0]))
+  return DecodeCache(k=per_layer(cache.k), v=per_layer(cache.v), valid=cache.valid[:, :S])
+
+
+def from_decode_cache(dcache: DecodeCache, cache: KVCache | None = None) -> KVCache:
+  """Back to the stacked layout; with `cache`, written over its first slots (the rest kept)."""
+  stack = lambda xs: jnp.stack([jnp.transpose(x, (0, 2, 1, 3)) for x in xs])
+  k, v = stack(dcache.k), stack(dcache.v)
+  if cache is None:
+    return KVCache(k=k, v=v, valid=dcache.valid)
+  zero = jnp.int32(0)
+  return KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero,) * 5),
+                 v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero,) * 5),
+                 valid=jax.lax.dynamic_update_slice(cache.valid, dcache.valid, (zero, zero)))
+
+
+def resize_decode_cache(dcache: DecodeCache, rows_M: jax.Array | None, length: int) -> DecodeCache:
+  """Gathers rows `rows_M` (all if None) and pads or cuts the slots to `length`.
+
+  Padded slots are invalid; a cut must only drop slots that no query will read.
+  """
+  def fix(a, axis):
+    if rows_M is not None:
+      a = jnp.take(a, rows_M, axis=0, mode="clip")
+    S = a.shape[axis]
+    if length <= S:
+      return jax.lax.slice_in_dim(a, 0, length, axis=axis)
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, length - S)
+    return jnp.pad(a, pad)
+  return DecodeCache(k=tuple(fix(a, 2) for a in dcache.k), v=tuple(fix(a, 2) for a in dcache.v),
+                     valid=fix(dcache.valid, 1))
+
+
+def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """`params` (as `Decoder.arrays()`) with "layers" a tuple of L per-layer dicts.
+
+  LoRA factors ride along in each layer's dict under "lora", as the layer scan sees them.
+  """
+  layer_w = dict(params["layers"])
+  if params.get("lora"):
+    layer_w["lora"] = params["lora"]
+  out = {k: v for k, v in params.items() if k not in ("layers", "lora")}
+  out["layers"] = tuple(jax.tree.map(lambda a, l=l: a[l], layer_w) for l in range(num_layers))
+  return out
+
+
+def decode_attention(q_Bx1xHxD: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.Array,
+                     mask_BxS: jax.Array) -> jax.Array:
+  """One query per row against a heads-major cache; same math as `attention` (float32 softmax)."""
+  B, _, H, D = q_Bx1xHxD.shape
+  K = k_BxKxSxD.shape[1]
+  q_BxKxGxD = q_Bx1xHxD.reshape(B, K, H // K, D)
+  scores_BxKxGxS = jnp.einsum("bkgd,bksd->bkgs", q_BxKxGxD, k_BxKxSxD.astype(q_BxKxGxD.dtype),
+                              preferred_element_type=jnp.float32) / math.sqrt(D)
+  scores_BxKxGxS = jnp.where(mask_BxS[:, None, None, :], scores_BxKxGxS,
+                             jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(q_BxKxGxD.dtype)
+  out_BxKxGxD = jnp.einsum("bkgs,bksd->bkgd", probs, v_BxKxSxD.astype(q_BxKxGxD.dtype))
+  return out_BxKxGxD.reshape(B, 1, H, D)
+
+
+def decode_hidden(config: ModelConfig, params: Mapping[str, Any], ids_B: jax.Array,
+                  live_B: jax.Array, positions_B: jax.Array, dcache: DecodeCache,
+                  cache_index: Any, *, lora: lora_lib.LoraConfig | None = None):
+  """One decode step on the per-layer layout: feeds token ids_B at slot `cache_index`.
+
+  Equals `decoder_hidden(..., ids[:, None], mask=live[:, None], positions=positions[:, None],
+  cache=..., cache_index=...)` (tests/test_model.py) on the `to_decode_cache` layout.
+
+  Args:
+    config: the model config.
+    params: `unstack_layers(Decoder.arrays(), L)`.
+    ids_B, live_B, positions_B: the token, whether it is real (else its slot stays invalid), and
+      its RoPE position.
+    dcache: the per-layer cache; slot `cache_index` must exist.
+    cache_index: int32 scalar slot. Each query reads valid slots <= its slot.
+    lora: the adapters' config when params hold LoRA factors.
+
+  Returns:
+    (hidden_Bx1xE, dcache).
+  """
+  dt = jnp.dtype(config.dtype)
+  S = dcache.valid.shape[1]
+  idx = jnp.asarray(cache_index, jnp.int32)
+  zero = jnp.int32(0)
+  valid_BxS = jax.lax.dynamic_update_slice(dcache.valid, live_B.astype(jnp.bool_)[:, None],
+                                           (zero, idx))
+  mask_BxS = valid_BxS & (jnp.arange(S, dtype=jnp.int32) <= idx)[None, :]
+  cos_Bx1xD, sin_Bx1xD = rope_cos_sin(positions_B[:, None], rope_inv_freq(config))
+  x_Bx1xE = jnp.take(params["embed"], ids_B[:, None], axis=0).astype(dt)
+  ks, vs = list(dcache.k), list(dcache.v)
+  for l, w in enumerate(params["layers"]):
+    def attend(q, k_Bx1xKxD, v_Bx1xKxD, l=l):
+      start = (zero, zero, idx, zero)
+      ks[l] = jax.lax.dynamic_update_slice(
+          ks[l], jnp.transpose(k_Bx1xKxD, (0, 2, 1, 3)).astype(ks[l].dtype), start)
+      vs[l] = jax.lax.dynamic_update_slice(
+          vs[l], jnp.transpose(v_Bx1xKxD, (0, 2, 1, 3)).astype(vs[l].dtype), start)
+      return decode_attention(q, ks[l], vs[l], mask_BxS)
+    x_Bx1xE = _block(config, w, x_Bx1xE, cos_Bx1xD, sin_Bx1xD, None, lora, attend=attend)
+  hidden = rms_norm(x_Bx1xE, params["final_norm"], config.rms_norm_eps)
+  return hidden, DecodeCache(k=tuple(ks), v=tuple(vs), valid=valid_BxS)
+
+
+def head_logits(config: ModelConfig, params: Mapping[str, Any], hidden_BxTxE: jax.Array) -> jax.Array:
+  """`Decoder.logits` on arrays: params hold "embed" (tied) or "lm_head" [E, V]. float32."""
+  dt = hidden_BxTxE.dtype
+  if config.tie_word_embeddings:
+    # Contract with the [V, E] embedding as stored: no transposed copy of it per call.
+    return jnp.einsum("bte,ve->btv", hidden_BxTxE, params["embed"].astype(dt),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("bte,ev->btv", hidden_BxTxE, params["lm_head"].astype(dt),
+                    preferred_element_type=jnp.float32)
 
 
 class Decoder(nnx.Module):

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# One prepared GPU check of issue 18 (< 8 minutes on one H200), printed as one JSON line per figure:
+#   * update MFU of the SmolLM2-135M and Qwen2.5-0.5B shapes in bfloat16 (random weights): one
+#     jitted policy-gradient step (token log-probs forward + backward + AdamW), FLOPs from XLA's
+#     cost analysis of that compiled step, MFU = FLOPs / time / peak (PEAK_TFLOPS, default 989 =
+#     H200 dense bf16);
+#   * decode tokens/s of `sampling.generate` at G = 8 and 16 (SmolLM2 shape, bf16, no stop token:
+#     every row decodes R tokens; prefill included);
+#   * the advantage kernel (group_size=G, the trainer's contiguous ids) vs a copy of the same bytes
+#     at N = 1e6 and 1e7;
+#   * peak device memory (jax memory_stats) after everything.
+# No model files, no downloads: shapes are built from their HF config fields.
+#
+#   bash bench/gpu.sh            # on the GPU machine, from the repository root
+#   bash bench/gpu.sh --tiny     # tiny shapes: checks the script end to end on CPU in ~1 minute
+#
+# Set-up on a fresh GPU machine (operator; this script installs nothing):
+#   pip install -e .
+#   # pip install -U "jax[cuda12]"      # the JAX CUDA wheels, if `pip install -e .` gave CPU jax
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
+exec python - "$@" <<'EOF'
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from grpo_jax import advantages as adv_lib
+from grpo_jax import sampling
+from grpo_jax.models import Decoder, config_from_hf, token_logprobs
+
+TINY = "--tiny" in sys.argv
+PEAK = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
+T_START = time.perf_counter()
+
+
+def emit(**kw):
+  kw["elapsed_s"] = round(time.perf_counter() - T_START, 1)
+  print(json.dumps(kw), flush=True)
+
+
+def timed(fn, reps):
+  fn()  # compile + warm-up
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+               num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+if TINY:
+  for shape in (SMOLLM2, QWEN05):
+    shape.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=512,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+  SMOLLM2.update(num_hidden_layers=3)
+
+dev = jax.devices()[0]
+emit(what="device", platform=dev.platform, kind=dev.device_kind, jax=jax.__version__,
+     tiny=TINY)
+
+
+def model_of(hf, seed=0):
+  cfg = config_from_hf(dict(hf), dtype="bfloat16", param_dtype="float32")
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+# ------------------------------------------------------------------------------- update MFU
+def update_mfu(name, hf, rows, seq):
+  model = model_of(hf)
+  graphdef, params = nnx.split(model)
+  tx = optax.adamw(1e-6)
+  opt = tx.init(params)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, hf["vocab_size"], (rows, seq)), jnp.int32)
+  mask = jnp.ones_like(tokens)
+  adv = jnp.asarray(rng.standard_normal(rows), jnp.float32)
+
+  def loss(p):
+    logp = token_logprobs(nnx.merge(graphdef, p), tokens, mask)
+    ratio = jnp.exp(logp - jax.lax.stop_gradient(logp))
+    return -jnp.mean(ratio * adv[:, None])
+
+  @jax.jit
+  def step(p, o):
+    l, g = jax.value_and_grad(loss)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, l
+
+  compiled = step.lower(params, opt).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  state = {"p": params, "o": opt}
+
+  def run():
+    state["p"], state["o"], l = compiled(state["p"], state["o"])
+    l.block_until_ready()
+  t = timed(run, 3 if TINY else 5)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  emit(what="update_mfu", model=name, dtype="bfloat16", rows=rows, seq=seq, params=n_params,
+       step_s=round(t, 4), xla_flops=flops, tflops_per_s=round(flops / t / 1e12, 2),
+       mfu=round(flops / t / PEAK, 4), tokens_per_s=round(rows * seq / t))
+
+
+if TINY:
+  update_mfu("smollm2-135m-shape", SMOLLM2, 4, 32)
+  update_mfu("qwen2.5-0.5b-shape", QWEN05, 4, 32)
+else:
+  update_mfu("smollm2-135m-shape", SMOLLM2, 64, 512)
+  update_mfu("qwen2.5-0.5b-shape", QWEN05, 32, 512)
+
+
+# ------------------------------------------------------------------------------- decode tokens/s
+# Bigger chunks than on CPU: fewer slot buckets to compile, and a GPU step is short next to a
+# host round trip.
+sampling._CHUNK = 8 if TINY else 32
+
+
+def decode_rate(name, hf, B, P, R, G):
+  model = model_of(hf)
+  graphdef, params = nnx.split(model)
+  ids = jnp.asarray(np.random.default_rng(1).integers(3, hf["vocab_size"], (B, P)), jnp.int32)
+  mask = jnp.ones_like(ids)
+  key = jax.random.key(0)
+
+  def run():
+    out = sampling.generate(graphdef, params, ids, mask, key, group_size=G, max_new_tokens=R,
+                            temperature=1.0, pad_token_id=0)
+    out.tokens.block_until_ready()
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  t = timed(run, 2)
+  emit(what="decode", model=name, dtype="bfloat16", prompts=B, group_size=G, rows=B * G,
+       prompt_len=P, new_tokens=R, first_call_s=round(first, 2), call_s=round(t, 4),
+       tokens_per_s=round(B * G * R / t))
+
+
+for G in (8, 16):
+  if TINY:
+    decode_rate("smollm2-135m-shape", SMOLLM2, 2, 16, 16, G)
+  else:
+    decode_rate("smollm2-135m-shape", SMOLLM2, 32, 128, 128, G)
+
+
+# ------------------------------------------------------------------------------- advantages
+adv = jax.jit(adv_lib.compute_advantages, static_argnames=("num_groups", "estimator", "group_size"))
+copy = jax.jit(lambda x: x * 1.0)
+for n in ((10**4, 10**5) if TINY else (10**6, 10**7)):
+  G = 16
+  r = jax.device_put(np.random.default_rng(2).random(n).astype(np.float32))
+  ids = jax.device_put(np.repeat(np.arange(n // G, dtype=np.int32), G))
+  t_adv = timed(lambda: adv(r, ids, num_groups=n // G, group_size=G).block_until_ready(), 20)
+  t_copy = timed(lambda: copy(r).block_until_ready(), 20)
+  emit(what="advantages", n=n, group_size=G, kernel_ms=round(t_adv * 1e3, 4),
+       copy_ms=round(t_copy * 1e3, 4), ratio=round(t_adv / t_copy, 2))
+
+
+# ------------------------------------------------------------------------------- memory
+stats = dev.memory_stats() or {}
+emit(what="peak_memory", peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+     bytes_limit=stats.get("bytes_limit"),
+     peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2))
+EOF
