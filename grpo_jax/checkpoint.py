@@ -256,6 +256,11 @@ class Checkpointer:
     if "data_digest" in meta and meta["data_digest"] != _json_digest(data):
       raise CheckpointError("the data iterator state does not match the digest written with it")
 
+  def check_model(self, step: int, config: Any) -> None:
+    """Refuses (ConfigError) a checkpoint written for another model, from its meta alone."""
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    self._check_compatible(step, meta, None, config)
+
   def _check_compatible(self, step: int, meta: dict, abstract_state: Any, config: Any) -> None:
     where = os.path.join(self.directory, str(step))
     saved_model = meta.get("config", {}).get("model", {})
@@ -268,6 +273,8 @@ class Checkpointer:
             f"config.model.{key}: the checkpoint {where} was written with "
             f"{key}={saved_model.get(key)!r}, this run has {current_model.get(key)!r}; use "
             f"another --workdir or the same model")
+    if abstract_state is None:
+      return
     saved, current = meta.get("param_shapes", {}), _shapes(abstract_state.params)
     for name in sorted(set(saved) | set(current)):
       if saved.get(name) != current.get(name):

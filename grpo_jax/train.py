@@ -584,6 +584,7 @@ def _open_loop(run: RunConfig, workdir: str, devices, lock, stop) -> Loop | None
                                        keep=run.train.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None and latest >= run.train.num_steps:
+    checkpointer.check_model(latest, run)
     checkpointer.close()
     if lock is not None:
       lock.release()
