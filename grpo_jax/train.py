@@ -224,7 +224,8 @@ class Steps:
     temp = r.temperature if r.temperature > 0 else 1.0
     train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
-                          response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp),
+                          response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
+                          lm_head_chunk=run.train.lm_head_chunk),
         in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
         donate_argnums=0)
     self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
@@ -232,7 +233,8 @@ class Steps:
     def logprobs(use_lora):
       return jax.jit(functools.partial(
           update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
-          microbatch=run.microbatch, temperature=temp, use_lora=use_lora),
+          microbatch=run.microbatch, temperature=temp, use_lora=use_lora,
+          lm_head_chunk=run.train.lm_head_chunk),
           out_shardings=batch_sh(2))
     policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
     self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,

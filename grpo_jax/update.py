@@ -72,32 +72,42 @@ def merge(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.Module
 
 def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array,
                       attn_mask_NxL: jax.Array, response_len: int, *, with_entropy: bool = False,
-                      temperature: float = 1.0, frozen: Any = None, use_lora: bool = True):
+                      temperature: float = 1.0, frozen: Any = None, use_lora: bool = True,
+                      lm_head_chunk: int = 0):
   """Log-prob (and entropy) of each response token under the policy at `temperature`: [N, R] f32.
 
-  Entry t of the model's per-token log-probs is log p(token t | tokens < t); the response fills
-  the last `response_len` positions. Only those positions go through the LM head (the prompt's
-  logits are never computed). Dividing the [E, V] head by the temperature divides the logits by it,
+  Entry t of the result is log p(response token t | everything before it), 0 where the response
+  is padding (attn_mask 0). Only the R positions that predict response tokens go through the LM
+  head (the prompt's logits are never computed), in chunks of `lm_head_chunk` positions (0:
+  `losses.auto_chunk_size`, under 256 MB of float32 logits per chunk), log-prob and entropy from
+  one pass over each chunk. Dividing the [E, V] head by the temperature divides the logits by it,
   matching the distribution the sampler drew from. `use_lora=False` is the reference policy of a
   LoRA run: the same base weights with the adapters switched off (no second copy).
   """
   model = merge(graphdef, params, frozen)
   kwargs = {} if use_lora else {"use_lora": False}
   hidden_NxLxE = model(tokens_NxL, attention_mask=attn_mask_NxL, return_hidden=True, **kwargs)
-  # Keep one position before the response: it predicts the first response token.
-  start = tokens_NxL.shape[1] - response_len - 1
+  # Position t predicts token t + 1: the R positions before the last predict the response.
+  start = tokens_NxL.shape[1] - response_len
+  return _head(model, hidden_NxLxE[:, start - 1:-1], tokens_NxL[:, start:],
+               attn_mask_NxL[:, start:], with_entropy, temperature, lm_head_chunk)
+
+
+def _head(model, pred_hidden_NxRxE, targets_NxR, mask_NxR, with_entropy, temperature,
+          lm_head_chunk):
   w_ExV = model.lm_head_weight()
   if temperature != 1.0:
     w_ExV = w_ExV / jnp.asarray(temperature, w_ExV.dtype)
-  logp, ent = models.logprobs_from_hidden(hidden_NxLxE[:, start:], w_ExV, tokens_NxL[:, start:],
-                                          attn_mask_NxL[:, start:], with_entropy=with_entropy)
-  logp, ent = logp[:, 1:], ent[:, 1:]
-  return (logp, ent) if with_entropy else logp
+  logp, ent = losses.head_logprobs(pred_hidden_NxRxE, w_ExV, targets_NxR,
+                                   chunk_size=lm_head_chunk or None, with_entropy=with_entropy)
+  keep = mask_NxR.astype(jnp.bool_)
+  logp = jnp.where(keep, logp, 0.0)
+  return (logp, jnp.where(keep, ent, 0.0)) if with_entropy else logp
 
 
 def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, response_len: int,
                               microbatch: int, temperature: float = 1.0, frozen: Any = None,
-                              use_lora: bool = True) -> jax.Array:
+                              use_lora: bool = True, lm_head_chunk: int = 0) -> jax.Array:
   """`response_logprobs` in micro-batches (bounded activation memory), for old/ref log-probs."""
   n = tokens_NxL.shape[0]
   k = n // microbatch
@@ -106,7 +116,8 @@ def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, respo
   toks, mask = _split_micro(tokens_NxL, k), _split_micro(attn_mask_NxL, k)
   out = jax.lax.map(lambda tm: response_logprobs(graphdef, params, tm[0], tm[1], response_len,
                                                  temperature=temperature, frozen=frozen,
-                                                 use_lora=use_lora), (toks, mask))
+                                                 use_lora=use_lora, lm_head_chunk=lm_head_chunk),
+                     (toks, mask))
   return _merge_micro(out)
 
 
@@ -125,17 +136,27 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, response_len: int,
-            denominators: dict[str, jax.Array], temperature: float, frozen: Any = None):
+            denominators: dict[str, jax.Array], temperature: float, frozen: Any = None,
+            lm_head_chunk: int = 0):
   """GRPO loss of one micro-batch, normalised by the whole minibatch's denominators.
 
   Returns (loss, metrics); summing the losses of all micro-batches of a minibatch gives the
-  minibatch loss, so their summed gradients are the minibatch gradient.
+  minibatch loss, so their summed gradients are the minibatch gradient. Metrics that are token
+  means over this micro-batch come with "tokens" (its loss-mask count) so that `train_step` can
+  weight them.
+
+  The entropy is always computed here, because it is logged every step: it comes out of the same
+  one-pass reduction over each logits chunk as the log-prob (a few flops per logit next to the
+  2E of the head's matmul), and it carries a gradient only when entropy_coef > 0. The old /
+  reference forwards never compute it.
   """
   cfg = rl.loss
-  need_entropy = True  # Logged every step; the cost is one reduction over the chunked logits.
   logp_NxR, ent_NxR = response_logprobs(graphdef, params, batch["tokens"], batch["attn_mask"],
-                                        response_len, with_entropy=need_entropy,
-                                        temperature=temperature, frozen=frozen)
+                                        response_len, with_entropy=True,
+                                        temperature=temperature, frozen=frozen,
+                                        lm_head_chunk=lm_head_chunk)
+  if cfg.entropy_coef == 0:
+    ent_NxR = jax.lax.stop_gradient(ent_NxR)
   old_logp_NxR = batch.get("old_logp")
   if old_logp_NxR is None:  # Fully on-policy: the rollout policy is the current one.
     old_logp_NxR = jax.lax.stop_gradient(logp_NxR)
@@ -156,7 +177,33 @@ def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, respons
     total = total - cfg.entropy_coef * entropy
   metrics["entropy"] = jax.lax.stop_gradient(entropy)
   metrics["loss"] = total
+  metrics["tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
   return total, metrics
+
+
+# How `train_step` combines the per-micro-batch metrics of `loss_fn` into the minibatch's:
+# normalised by the minibatch denominators already (sum), extremes (max), and token means over
+# each micro-batch (weighted by its tokens, so that a micro-batch of 3 tokens does not count as
+# much as one of 300).
+_SUM_METRICS = ("loss", "pg_loss", "kl", "entropy")
+_MAX_METRICS = ("ratio_max",)
+
+
+def combine_micro_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-micro-batch metrics (leading axis k) -> the minibatch's, as `loss_fn` on it would give."""
+  tokens_K = metrics["tokens"]
+  total = jnp.sum(tokens_K)
+  out = {}
+  for k, v in metrics.items():
+    if k == "tokens":
+      continue
+    if k in _SUM_METRICS:
+      out[k] = v.sum()
+    elif k in _MAX_METRICS:
+      out[k] = v.max()
+    else:
+      out[k] = jnp.sum(v * tokens_K) / jnp.maximum(total, 1.0)
+  return out
 
 
 def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[str, jax.Array]:
@@ -167,7 +214,8 @@ def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[st
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, graphdef,
-               tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float):
+               tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float,
+               lm_head_chunk: int = 0):
   """One optimizer step on a minibatch, accumulating gradients over `num_micro` micro-batches.
 
   `frozen` holds the base weights of a LoRA run (no gradient, no optimizer state); None otherwise.
@@ -180,14 +228,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
 
   def accumulate(grads, mb):
     (_, metrics), g = grad_fn(state.params, graphdef, mb, rl, response_len, denominators,
-                              temperature, frozen)
+                              temperature, frozen, lm_head_chunk)
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   grads, metrics = jax.lax.scan(accumulate, zeros, micro)
-  # Micro-batch losses are already normalised by the minibatch denominators: sum, don't average.
-  sum_keys = ("loss", "pg_loss", "kl", "entropy")
-  metrics = {k: (v.sum() if k in sum_keys else v.mean()) for k, v in metrics.items()}
+  metrics = combine_micro_metrics(metrics)
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
