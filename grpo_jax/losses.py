@@ -1,4 +1,4 @@
-"""GRPO / PPO losses: token log-probs (chunked LM head), clipped surrogate, KL, entropy, aggregation.
+"""GRPO / PPO losses: log-probs (chunked LM head), clipped surrogate, KL, entropy, aggregation.
 
 Symbols: for response i and token t, pi = current policy, pi_old = rollout policy, pi_ref =
 frozen reference; ratio rho_it = pi(y_it) / pi_old(y_it); A_i the response's advantage
