@@ -147,11 +147,12 @@ def main():
                  help="prompts B per update (FLOPs are linear in B)")
   p.add_argument("--time", action="store_true", help="also time one update on SmolLM2-135M")
   p.add_argument("--time-batch", type=int, nargs=2, default=(1, 4),
-                 help="B for the timing of each setting in SETTINGS order")
+                 help="B for the timing of each setting in SETTINGS order (0: not timed)")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--model-dir",
                  default=os.path.expanduser("~/.cache/grpo_jax/SmolLM2-135M-Instruct"))
   p.add_argument("--json")
+  p.add_argument("--no-flops", action="store_true", help="with --time: skip the FLOP counts")
   args = p.parse_args()
 
   import jax
@@ -161,6 +162,9 @@ def main():
   rows = []
   for (P, G, R) in SETTINGS:
     B = args.batch
+    if args.no_flops:
+      rows.append({"P": P, "G": G, "R": R})
+      continue
     plain = extrapolated_flops(cfg, B, P, G, R, shared=False)
     shared = extrapolated_flops(cfg, B, P, G, R, shared=True)
     ideal = ideal_flops(cfg, B, P, G, R)
@@ -173,6 +177,8 @@ def main():
   if args.time:
     jax.lax.scan = jax.lax.scan.func  # Time the real (rolled) program.
     for (P, G, R), B in zip(SETTINGS, args.time_batch):
+      if not B:
+        continue
       t = time_updates(args.model_dir, B, P, G, R, args.rounds)
       row = next(r for r in rows if (r["P"], r["G"], r["R"]) == (P, G, R))
       row.update({"time_B": B, "plain_s": t["plain"], "shared_s": t["shared"],
@@ -185,6 +191,9 @@ def main():
         " plain s | shared s | speed-up |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
+    if "plain_tflop" not in r:
+      r.update(plain_over_ideal=float("nan"), shared_over_ideal=float("nan"),
+               saving=float("nan"), expected_saving=(r["G"] - 1) / r["G"] * r["P"] / (r["P"] + r["R"]))
     t = (f"{r['plain_s']:.2f} | {r['shared_s']:.2f} | {r['speedup']:.2f}x" if "plain_s" in r
          else "— | — | —")
     print(f"| {r['P']} | {r['G']} | {r['R']} | {r['plain_over_ideal']:.2f} | "
