@@ -1,7 +1,16 @@
-r"""Rollout memory at G in {4, 16, 64}: prefill each prompt once (grpo_jax) vs repeat-the-prompt.
+r"""Memory: the rollout at G in {4, 16, 64} (prefill once vs repeat), and one whole GRPO step.
 
   python bench/memory.py                        # compiled memory only (fast, no execution)
   python bench/memory.py --rss                  # also run each variant once in a subprocess
+  python bench/memory.py --grpo-step [--trl]    # peak RSS of one GRPO step on SmolLM2-135M
+
+--grpo-step: one step of `train.run` with configs/default.py and only the setting of issue 15
+(SmolLM2-135M-Instruct, the built-in `arithmetic` task with the chat template, 8 prompts x G = 8,
+prompt bucket 128, 96 new tokens; every memory-related field at its default, so the update's
+micro-batch comes from `update.plan_update`) in a fresh subprocess; prints its peak RSS
+(ru_maxrss) and the plan line. `--trl` also runs one step of TRL's GRPOTrainer on the same model
+folder and settings (64 completions per step, per_device_train_batch_size = 64, no gradient
+accumulation or checkpointing: TRL's defaults otherwise) with fixed 128-token prompts.
 
 GRPO samples G responses per prompt. The naive way repeats every prompt G times and prefills the
 B*G rows (transformers' `num_return_sequences`, TRL's default path); `grpo_jax.sampling.generate`
@@ -128,6 +137,94 @@ def _spawn_rss(args, group: int, naive: bool) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def grpo_step_overrides(model_dir: str, workdir: str) -> list[str]:
+  """The issue-15 setting as command-line overrides of configs/default.py."""
+  return [f"--config.model.path={model_dir}", "--config.data.source=builtin:arithmetic",
+          "--config.data.use_chat_template=True", "--config.data.max_prompt_len=128",
+          "--config.data.length_buckets=(128,)", "--config.data.batch_size=8",
+          "--config.data.eval_split=", "--config.rewards=(('arithmetic', 1.0, {}),)",
+          "--config.rollout.group_size=8", "--config.rollout.max_new_tokens=96",
+          "--config.optim.learning_rate=1e-6", "--config.train.num_steps=1",
+          "--config.train.eval_every=0", "--config.train.export_every=0",
+          "--config.train.checkpoint_every=0", "--config.train.progress_bar=False"]
+
+
+def grpo_step_worker(args) -> dict:
+  """One GRPO step of `train.run` in this process; its peak RSS and the update plan."""
+  import resource
+  import tempfile
+  import time
+
+  import jax
+  from absl import logging
+
+  from grpo_jax import config as config_lib
+  from grpo_jax import train
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  lines = []
+  logging.get_absl_handler().setFormatter(None)
+  logging.set_verbosity(logging.INFO)
+
+  class Grab(logging.logging.Handler):
+    def emit(self, record):
+      lines.append(record.getMessage())
+  logging.get_absl_logger().addHandler(Grab())
+  with tempfile.TemporaryDirectory() as workdir:
+    cfg = config_lib.load_config(os.path.join(repo, "configs", "default.py"),
+                                 *grpo_step_overrides(args.model_dir, workdir))
+    run = config_lib.resolve(cfg, num_devices=jax.device_count())
+    t0 = time.perf_counter()
+    metrics = train.run(run, workdir)
+    seconds = time.perf_counter() - t0
+  plan = [l for l in lines if l.startswith("update: micro-batch")]
+  return {"impl": "grpo_jax", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+          / 1024, "plan": plan[0] if plan else "", "seconds_incl_compile": seconds,
+          "reward_mean": metrics.get("reward/mean")}
+
+
+def trl_step_worker(args) -> dict:
+  """One GRPOTrainer step on the same folder and settings; its peak RSS."""
+  import resource
+  import tempfile
+  import time
+
+  import torch
+  import transformers
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import vs_trl
+
+  torch.manual_seed(0)
+  ns = argparse.Namespace(path=args.model_dir, batch=8, group=8, new_tokens=96, prompt_len=128,
+                          warmup=0, steps=1)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+  prompts = vs_trl.make_prompts(8, 128, tokenizer)
+  with tempfile.TemporaryDirectory() as out_dir:
+    trainer = vs_trl.make_trl_trainer(ns, out_dir, prompts, 8)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+  return {"impl": f"TRL {__import__('trl').__version__} GRPOTrainer",
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "seconds_incl_compile": seconds}
+
+
+def spawn_grpo_step(model_dir: str, trl: bool = False) -> dict:
+  """Runs one GRPO step (ours, or TRL's) in a fresh subprocess; returns its report."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--step-worker", "trl" if trl else "jax",
+         "--model-dir", model_dir]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # One CPU device, as a user runs it.
+  env["JAX_PLATFORMS"] = "cpu"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if res.returncode:
+    raise RuntimeError(f"grpo step worker failed:\n{res.stderr[-4000:]}")
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--groups", type=int, nargs="+", default=[4, 16, 64])
@@ -142,9 +239,33 @@ def main():
   p.add_argument("--worker", action="store_true")
   p.add_argument("--group", type=int)
   p.add_argument("--naive", action="store_true")
+  p.add_argument("--grpo-step", action="store_true", help="peak RSS of one GRPO step (SmolLM2)")
+  p.add_argument("--trl", action="store_true", help="with --grpo-step: TRL's too")
+  p.add_argument("--model-dir", default="", help="SmolLM2-135M-Instruct folder (default: cached)")
+  p.add_argument("--step-worker", choices=("jax", "trl"))
   args = p.parse_args()
   if args.worker:
     print(json.dumps(rss_worker(args)))
+    return
+  if args.step_worker:
+    worker = grpo_step_worker if args.step_worker == "jax" else trl_step_worker
+    print(json.dumps(worker(args)))
+    return
+  if args.grpo_step:
+    model_dir = args.model_dir
+    if not model_dir:
+      try:
+        from grpo_jax.testing import real_model
+        model_dir = real_model.smollm2_dir()
+      except ImportError:  # Until grpo_jax.testing.real_model lands: the cached folder.
+        model_dir = os.path.expanduser("~/.cache/grpo_jax/SmolLM2-135M-Instruct")
+    rows = [spawn_grpo_step(model_dir)] + ([spawn_grpo_step(model_dir, trl=True)]
+                                            if args.trl else [])
+    for r in rows:
+      print(json.dumps(r), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1)
     return
 
   rows = []

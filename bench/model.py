@@ -5,8 +5,9 @@
 
 FLOPs per step = 6 * N * tokens + 12 * L * H * D * T * tokens (PaLM appendix B convention:
 causal attention not halved), N = parameters that take part in matmuls (the input embedding
-lookup is excluded unless it is the tied LM head). The loss is `sum(token_logprobs)`, i.e. the
-same chunked LM head the trainer uses. MFU divides by the accelerator's dense peak; on CPU there is
+lookup is excluded unless it is the tied LM head). The loss is `sum(token_logprobs)` with a chunked
+LM head, as the trainer's update chunks (`losses.head_logprobs`). MFU divides by the
+accelerator's dense peak; on CPU there is
 no published peak, so the script measures a large float32 matmul and uses that as the "peak".
 """
 

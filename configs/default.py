@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.tie_word_embeddings = True  # tiny only: share embedding and LM head.
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16.
   c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16.
-  c.model.remat = False  # rematerialise each layer in the backward pass (saves activation memory).
+  # Rematerialise every layer in the backward pass: True = always; False = only if the automatic
+  # micro-batch plan needs it to fit (train.microbatch_size = 0).
+  c.model.remat = False  # bool, see above.
 
   c.tokenizer = ""  # "" = the built-in tiny tokenizer (or the model folder's own); else a local HF folder.
 
@@ -98,7 +100,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_steps = 200  # GRPO steps (rollout + update each).
   c.train.ppo_epochs = 1  # passes over each rollout batch.
   c.train.minibatch_size = 0  # responses per optimizer step (0 = the whole rollout batch).
-  c.train.microbatch_size = 0  # responses per forward/backward (gradient accumulation; 0 = minibatch).
+  # Responses per forward/backward (gradient accumulation). 0 = sized automatically so that the
+  # update's activations fit memory_budget_gb (logged at start-up; may turn model.remat on).
+  c.train.microbatch_size = 0  # responses (0 = automatic, see above).
+  # Memory for the update; 0 = 90% of an accelerator's, or 35% of host RAM (<= 6 GiB) on CPU.
+  c.train.memory_budget_gb = 0.0  # GiB (0 = automatic, see above).
+  c.train.lm_head_chunk = 0  # positions per LM-head chunk in the update (0 = <= 256 MB of logits).
+  c.train.shared_prefix = True  # each prompt's forward once per group in the update (False: G times).
   c.train.log_every = 1  # write metrics every N steps.
   c.train.eval_every = 50  # evaluate on the held-out split every N steps (0 = never).
   c.train.eval_num_prompts = 64  # held-out prompts per evaluation.

@@ -111,7 +111,10 @@ class TrainConfig:
   num_steps: int = 150
   ppo_epochs: int = 1
   minibatch_size: int = 0
-  microbatch_size: int = 0
+  microbatch_size: int = 0  # 0: sized from memory_budget_gb (update.plan_update).
+  memory_budget_gb: float = 0.0  # 0: derived from the device (update.memory_budget).
+  lm_head_chunk: int = 0  # positions per LM-head chunk; 0: losses.auto_chunk_size.
+  shared_prefix: bool = True  # prompt forward once per group in the update (where it applies).
   log_every: int = 1
   eval_every: int = 0
   eval_num_prompts: int = 64
@@ -322,8 +325,12 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
   for f in ("num_steps", "ppo_epochs", "log_every", "eval_num_prompts", "eval_pass_k",
             "keep_checkpoints", "export_token_groups"):
     _positive(f"train.{f}", getattr(train, f), allow_zero=f == "export_token_groups")
-  for f in ("minibatch_size", "microbatch_size", "eval_every", "checkpoint_every", "export_every"):
+  for f in ("minibatch_size", "microbatch_size", "eval_every", "checkpoint_every", "export_every",
+            "lm_head_chunk"):
     _positive(f"train.{f}", getattr(train, f), allow_zero=True)
+  if (isinstance(train.memory_budget_gb, bool)
+      or not isinstance(train.memory_budget_gb, (int, float)) or not train.memory_budget_gb >= 0):
+    raise _fail("train.memory_budget_gb", f"expected a number >= 0, got {train.memory_budget_gb!r}")
 
   if train.final_export not in ("", "hf", "peft"):
     raise _fail("train.final_export", f"expected '' | 'hf' | 'peft', got {train.final_export!r}")

@@ -1,4 +1,4 @@
-"""GRPO / PPO losses: token log-probs, clipped surrogate, KL estimators, entropy, aggregation.
+"""GRPO / PPO losses: log-probs (chunked LM head), clipped surrogate, KL, entropy, aggregation.
 
 Symbols: for response i and token t, pi = current policy, pi_old = rollout policy, pi_ref =
 frozen reference; ratio rho_it = pi(y_it) / pi_old(y_it); A_i the response's advantage
@@ -133,6 +133,109 @@ def entropy_from_logits(logits_BxTxV: Array) -> Array:
   if jnp.ndim(logits_BxTxV) != 3:
     raise ValueError(f"logits_BxTxV: expected a 3-D [B, T, V] array, got {jnp.shape(logits_BxTxV)}")
   return _entropy_f32(logits_BxTxV)
+
+
+@jax.custom_jvp
+def _lse_and_entropy_f32(x_BxTxV: Array) -> tuple[Array, Array]:
+  """(logsumexp, entropy) over the last axis from ONE online reduction (m, s, t as in
+  `_entropy_f32`): the update needs both from the same logits chunk, and a second pass would read
+  the chunk again."""
+  x = x_BxTxV.astype(jnp.float32)
+
+  def combine(a, b):
+    (m1, s1, t1), (m2, s2, t2) = a, b
+    m = jnp.maximum(m1, m2)
+    e1 = jnp.where(m1 == m, 1.0, jnp.exp(m1 - m))
+    e2 = jnp.where(m2 == m, 1.0, jnp.exp(m2 - m))
+    return m, s1 * e1 + s2 * e2, t1 * e1 + t2 * e2
+
+  m, s, t = jax.lax.reduce((x, jnp.ones_like(x), x), (jnp.float32(-jnp.inf), jnp.float32(0.0),
+                                                      jnp.float32(0.0)),
+                           combine, (x.ndim - 1,))
+  lse = m + jnp.log(s)
+  return lse, lse - t / s
+
+
+@_lse_and_entropy_f32.defjvp
+def _lse_and_entropy_f32_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  lse, h = _lse_and_entropy_f32(x)
+  xf, dxf = x.astype(jnp.float32), dx.astype(jnp.float32)
+  p = jnp.exp(xf - lse[..., None])
+  mu = jnp.sum(p * xf, axis=-1)
+  # dlse/dx_v = p_v; dH/dx_v = -p_v (x_v - E_p[x]).
+  return (lse, h), (jnp.sum(p * dxf, axis=-1),
+                    -jnp.sum(p * (xf - mu[..., None]) * dxf, axis=-1))
+
+
+# f32 logits of one LM-head chunk: large enough that the [rows * C, E] x [E, V] matmul runs at full
+# rate, small enough to be a minor term next to the activations (Qwen2.5's 152k vocabulary: ~440
+# positions x rows per chunk; SmolLM2's 49k: ~1,365).
+AUTO_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(rows: int, length: int, vocab_size: int, max_bytes: int | None = None) -> int:
+  """Positions per LM-head chunk so that [rows, C, V] float32 logits stay under `max_bytes`
+  (default `AUTO_CHUNK_BYTES`).
+
+  The chunks are then evened out (C = ceil(length / ceil(length / C_max))), so that the padding
+  of the last chunk is at most one position per chunk.
+  """
+  max_bytes = AUTO_CHUNK_BYTES if max_bytes is None else max_bytes
+  c_max = max(1, int(max_bytes // max(rows * vocab_size * 4, 1)))
+  num_chunks = -(-length // c_max)
+  return -(-length // num_chunks)
+
+
+def _head_chunk(hidden_BxCxE, targets_BxC, w_ExV, with_entropy: bool):
+  logits_BxCxV = jnp.einsum("bce,ev->bcv", hidden_BxCxE, w_ExV,
+                            preferred_element_type=jnp.float32)
+  tgt_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[:, :, None], axis=-1)[:, :, 0]
+  if with_entropy:
+    lse_BxC, ent_BxC = _lse_and_entropy_f32(logits_BxCxV)
+    return tgt_BxC - lse_BxC, ent_BxC
+  return tgt_BxC - _logsumexp_f32(logits_BxCxV), None
+
+
+def head_logprobs(hidden_BxTxE: Array, w_ExV: Array, targets_BxT: Array, *,
+                  chunk_size: int | None = None, with_entropy: bool = False
+                  ) -> tuple[Array, Array | None]:
+  """log softmax(hidden[t] @ W)[targets[t]] (and the entropy), float32 [B, T], LM head chunked.
+
+  The [B, T, V] logits are never built: `lax.map` walks chunks of `chunk_size` positions (None:
+  `auto_chunk_size`), each under `jax.checkpoint`, so the forward holds one [B, C, V] chunk and
+  the backward recomputes each chunk's logits instead of storing them. Log-prob and entropy come
+  from one pass over each chunk (`_lse_and_entropy_f32`). Note the alignment: hidden[t] predicts
+  targets[t] (shift before calling). Pass only the positions whose predictions are needed (the
+  response's): the head costs 2 E V flops per position.
+
+  Returns:
+    (logp_BxT, entropy_BxT or None without `with_entropy`).
+  """
+  B, T, E = hidden_BxTxE.shape
+  if jnp.shape(targets_BxT) != (B, T):
+    raise ValueError(f"targets_BxT: expected shape {(B, T)}, got {jnp.shape(targets_BxT)}")
+  V = w_ExV.shape[-1]
+  c = auto_chunk_size(B, T, V) if not chunk_size else max(1, min(int(chunk_size), T))
+  num_chunks = -(-T // c)
+  pad = num_chunks * c - T
+  h_BxNxE = jnp.pad(hidden_BxTxE, ((0, 0), (0, pad), (0, 0)))
+  tgt_BxN = jnp.pad(jnp.asarray(targets_BxT).astype(jnp.int32), ((0, 0), (0, pad)))
+  w_ExV = w_ExV.astype(hidden_BxTxE.dtype)
+  fn = jax.checkpoint(lambda h, t: _head_chunk(h, t, w_ExV, with_entropy))
+  if num_chunks == 1:
+    logp_BxN, ent_BxN = fn(h_BxNxE, tgt_BxN)
+  else:
+    # [num_chunks, B, C, ...]: lax.map walks the leading axis; B (the sharded one) stays whole.
+    h_KxBxCxE = h_BxNxE.reshape(B, num_chunks, c, E).transpose(1, 0, 2, 3)
+    tgt_KxBxC = tgt_BxN.reshape(B, num_chunks, c).transpose(1, 0, 2)
+    logp, ent = jax.lax.map(lambda xs: fn(xs[0], xs[1]), (h_KxBxCxE, tgt_KxBxC))
+    unchunk = lambda x: x.transpose(1, 0, 2).reshape(B, num_chunks * c)
+    logp_BxN = unchunk(logp)
+    ent_BxN = unchunk(ent) if with_entropy else None
+  logp_BxT = logp_BxN[:, :T]
+  ent_BxT = ent_BxN[:, :T] if with_entropy else None
+  return logp_BxT, ent_BxT
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class Setup:
   stop_token_ids: tuple[int, ...]
   ref_params: Any = None  # A copy of the initial weights, only for full fine-tuning with beta > 0.
   frozen: Any = None  # LoRA: the base weights (not trained, no optimizer state); None otherwise.
+  plan: Any = None  # update.UpdatePlan: micro-batch, remat, shared prefix.
 
   def policy_state(self, params):
     """The whole policy state for the sampler: trained params plus frozen base weights."""
@@ -98,23 +99,29 @@ def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
 
   lora = run.lora if run.lora.enabled else None
 
-  def make_model():
-    return models.Decoder(mcfg, rngs=nnx.Rngs(params=run.seed), lora=lora)
+  def make_model(cfg):
+    return models.Decoder(cfg, rngs=nnx.Rngs(params=run.seed), lora=lora)
 
   # The optimizer sees only what `trainable` selects: every parameter, or with LoRA the adapters;
   # the frozen rest (the LoRA base) is held once and shared by policy, reference and sampler.
-  abstract_model = nnx.eval_shape(make_model)
-  filt = models.trainable(abstract_model)
+  filt = models.trainable(nnx.eval_shape(lambda: make_model(mcfg)))
+  _, abstract_params, abstract_frozen = nnx.split(nnx.eval_shape(lambda: make_model(mcfg)), filt,
+                                                  ...)
+  plan = update_plan(run, mesh, mcfg, abstract_params, abstract_frozen)
+  logging.info("%s", plan.describe(run.minibatch))
+  # Remat lives in the model config (static in the graphdef): set it before building the model.
+  mcfg = mcfg.replace(remat=plan.remat)
+  abstract_model = nnx.eval_shape(lambda: make_model(mcfg))
   graphdef, abstract_params, abstract_frozen = nnx.split(abstract_model, filt, ...)
   param_shardings = models.state_shardings(abstract_params, mesh, sharding.TRAIN_RULES)
   frozen_shardings = models.state_shardings(abstract_frozen, mesh, sharding.TRAIN_RULES)
   if run.model.is_tiny:
-    params, frozen = jax.jit(lambda: nnx.split(make_model(), filt, ...)[1:],
+    params, frozen = jax.jit(lambda: nnx.split(make_model(mcfg), filt, ...)[1:],
                              out_shardings=(param_shardings, frozen_shardings))()
   else:  # Each tensor is read straight onto its sharding: no full copy on one host.
     _, params, frozen = nnx.split(models.from_pretrained(
         run.model.path, dtype=run.model.dtype, param_dtype=run.model.param_dtype, mesh=mesh,
-        rules=sharding.TRAIN_RULES, remat=run.model.remat, lora=lora, lora_seed=run.seed),
+        rules=sharding.TRAIN_RULES, remat=plan.remat, lora=lora, lora_seed=run.seed),
         filt, ...)
   frozen = frozen if lora is not None else None
 
@@ -138,12 +145,39 @@ def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
     stop_ids.add(ids[0])
   setup = Setup(run=run, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, tx=tx,
                 state_shardings=state_shardings, stop_token_ids=tuple(sorted(stop_ids)),
-                frozen=frozen)
+                frozen=frozen, plan=plan)
   if run.rl.loss.kl_coef > 0 and lora is None:
     # The frozen reference policy: a copy of the initial parameters (no copy when beta = 0).
     setup.ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                out_shardings=param_shardings)(state.params)
   return setup, state, abstract_state
+
+
+def update_plan(run: RunConfig, mesh, mcfg, abstract_params, abstract_frozen) -> update.UpdatePlan:
+  """The update's micro-batch / remat / shared-prefix plan for this run (`update.plan_update`).
+
+  The shared prefix applies when the update's rows come in whole groups: one minibatch per step
+  (several minibatches are random row subsets).
+  """
+  count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+  shape = dict(mesh.shape)
+  d = run.data
+  prompt_len = min([b for b in d.length_buckets if b >= d.max_prompt_len] or [d.max_prompt_len])
+  grouped = run.train.shared_prefix and run.minibatch == run.rollout_batch
+  budget = None
+  if run.train.memory_budget_gb:
+    budget = (run.train.memory_budget_gb * 2**30, "train.memory_budget_gb",
+              jax.devices()[0].platform != "cpu")
+  return update.plan_update(
+      mcfg, minibatch=run.minibatch, prompt_len=prompt_len,
+      response_len=run.rollout.max_new_tokens,
+      group_size=run.rollout.group_size if grouped else None,
+      batch_div=shape.get("data", 1) * shape.get("fsdp", 1),
+      model_div=shape.get("fsdp", 1) * shape.get("tensor", 1),
+      trainable_params=count(abstract_params),
+      frozen_params=count(abstract_frozen) if run.lora.enabled else 0,
+      microbatch=run.train.microbatch_size, force_remat=run.model.remat, budget=budget,
+      lm_head_chunk=run.train.lm_head_chunk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,19 +267,27 @@ class Steps:
         filter_zero_std=run.rl.filter_zero_std_groups,
         kl_on_filtered=run.rl.kl_on_filtered_groups))
     self.rollout_metrics = jax.jit(rollout_metrics, out_shardings=rep)
-    num_micro = run.minibatch // run.microbatch
+    plan = setup.plan
+    num_micro = run.minibatch // plan.microbatch
     temp = r.temperature if r.temperature > 0 else 1.0
+    group = r.group_size if plan.shared_prefix else None
     train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
-                          response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp),
+                          response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
+                          lm_head_chunk=run.train.lm_head_chunk, group_size=group),
         in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
         donate_argnums=0)
     self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
 
+    # The old / reference forwards run over the whole rollout batch, always in whole groups.
+    fwd_group = (r.group_size if run.train.shared_prefix and plan.microbatch % r.group_size == 0
+                 else None)
+
     def logprobs(use_lora):
       return jax.jit(functools.partial(
           update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
-          microbatch=run.microbatch, temperature=temp, use_lora=use_lora),
+          microbatch=plan.microbatch, temperature=temp, use_lora=use_lora,
+          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group),
           out_shardings=batch_sh(2))
     policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
     self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,

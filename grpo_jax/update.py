@@ -16,6 +16,10 @@ Batch layout (one row per response, N = prompts x G):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import os
 from typing import Any
 
 import flax.struct
@@ -25,8 +29,8 @@ import optax
 from flax import nnx
 
 from grpo_jax import losses
-from grpo_jax import models
 from grpo_jax.config import OptimConfig, RLConfig
+from grpo_jax.models.decoder import decoder_hidden_shared_prefix
 
 
 @flax.struct.dataclass
@@ -72,70 +76,123 @@ def merge(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.Module
 
 def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array,
                       attn_mask_NxL: jax.Array, response_len: int, *, with_entropy: bool = False,
-                      temperature: float = 1.0, frozen: Any = None, use_lora: bool = True):
+                      temperature: float = 1.0, frozen: Any = None, use_lora: bool = True,
+                      lm_head_chunk: int = 0, group_size: int | None = None):
   """Log-prob (and entropy) of each response token under the policy at `temperature`: [N, R] f32.
 
-  Entry t of the model's per-token log-probs is log p(token t | tokens < t); the response fills
-  the last `response_len` positions. Only those positions go through the LM head (the prompt's
-  logits are never computed). Dividing the [E, V] head by the temperature divides the logits by it,
+  With `group_size` G the rows are groups of G responses to one prompt (a a a b b b, the prompt
+  part of the G rows identical): each prompt's forward then runs once, not G times
+  (`decoder_hidden_shared_prefix`; equal results, fewer FLOPs). Without it, every row runs whole.
+
+  Entry t of the result is log p(response token t | everything before it), 0 where the response
+  is padding (attn_mask 0). Only the R positions that predict response tokens go through the LM
+  head (the prompt's logits are never computed), in chunks of `lm_head_chunk` positions (0:
+  `losses.auto_chunk_size`, under 256 MB of float32 logits per chunk), log-prob and entropy from
+  one pass over each chunk. Dividing the [E, V] head by the temperature divides the logits by it,
   matching the distribution the sampler drew from. `use_lora=False` is the reference policy of a
   LoRA run: the same base weights with the adapters switched off (no second copy).
   """
   model = merge(graphdef, params, frozen)
-  kwargs = {} if use_lora else {"use_lora": False}
-  hidden_NxLxE = model(tokens_NxL, attention_mask=attn_mask_NxL, return_hidden=True, **kwargs)
-  # Keep one position before the response: it predicts the first response token.
-  start = tokens_NxL.shape[1] - response_len - 1
+  start = tokens_NxL.shape[1] - response_len
+  if group_size:
+    N, L = tokens_NxL.shape
+    B, G = N // group_size, group_size
+    if N % G:
+      raise ValueError(f"group_size: {N} rows are not whole groups of {G}")
+    first = lambda x: x[:, :start].reshape(B, G, start)[:, 0]  # The group's prompt, once.
+    last_BxE, resp_NxRxE = decoder_hidden_shared_prefix(
+        model.config, model.arrays(use_lora), first(tokens_NxL), first(attn_mask_NxL),
+        tokens_NxL[:, start:], attn_mask_NxL[:, start:],
+        lora=getattr(model, "lora_config", None))
+    # The prompt's last position predicts each response's first token; then response t predicts
+    # response t + 1.
+    pred_NxRxE = jnp.concatenate([jnp.repeat(last_BxE, G, axis=0)[:, None], resp_NxRxE[:, :-1]],
+                                 axis=1)
+  else:
+    kwargs = {} if use_lora else {"use_lora": False}
+    hidden_NxLxE = model(tokens_NxL, attention_mask=attn_mask_NxL, return_hidden=True, **kwargs)
+    # Position t predicts token t + 1: the R positions before the last predict the response.
+    pred_NxRxE = hidden_NxLxE[:, start - 1:-1]
+  return _head(model, pred_NxRxE, tokens_NxL[:, start:], attn_mask_NxL[:, start:], with_entropy,
+               temperature, lm_head_chunk)
+
+
+def _head(model, pred_hidden_NxRxE, targets_NxR, mask_NxR, with_entropy, temperature,
+          lm_head_chunk):
   w_ExV = model.lm_head_weight()
   if temperature != 1.0:
     w_ExV = w_ExV / jnp.asarray(temperature, w_ExV.dtype)
-  logp, ent = models.logprobs_from_hidden(hidden_NxLxE[:, start:], w_ExV, tokens_NxL[:, start:],
-                                          attn_mask_NxL[:, start:], with_entropy=with_entropy)
-  logp, ent = logp[:, 1:], ent[:, 1:]
-  return (logp, ent) if with_entropy else logp
+  logp, ent = losses.head_logprobs(pred_hidden_NxRxE, w_ExV, targets_NxR,
+                                   chunk_size=lm_head_chunk or None, with_entropy=with_entropy)
+  keep = mask_NxR.astype(jnp.bool_)
+  logp = jnp.where(keep, logp, 0.0)
+  return (logp, jnp.where(keep, ent, 0.0)) if with_entropy else logp
 
 
 def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, response_len: int,
                               microbatch: int, temperature: float = 1.0, frozen: Any = None,
-                              use_lora: bool = True) -> jax.Array:
-  """`response_logprobs` in micro-batches (bounded activation memory), for old/ref log-probs."""
+                              use_lora: bool = True, lm_head_chunk: int = 0,
+                              group_size: int | None = None) -> jax.Array:
+  """`response_logprobs` in micro-batches (bounded activation memory), for old/ref log-probs.
+
+  With `group_size` each micro-batch holds whole groups and runs their prompts once.
+  """
   n = tokens_NxL.shape[0]
   k = n // microbatch
-  # Strided micro-batches ([m, k] -> [k, m]) keep each one evenly sharded over the batch axes
-  # without moving data between devices (see `_split_micro`).
-  toks, mask = _split_micro(tokens_NxL, k), _split_micro(attn_mask_NxL, k)
+  split = functools.partial(_split_micro, k=k, group_size=group_size)
+  toks, mask = split(tokens_NxL), split(attn_mask_NxL)
   out = jax.lax.map(lambda tm: response_logprobs(graphdef, params, tm[0], tm[1], response_len,
                                                  temperature=temperature, frozen=frozen,
-                                                 use_lora=use_lora), (toks, mask))
-  return _merge_micro(out)
+                                                 use_lora=use_lora, lm_head_chunk=lm_head_chunk,
+                                                 group_size=group_size),
+                    (toks, mask))
+  return _merge_micro(out, group_size)
 
 
-def _split_micro(x: jax.Array, k: int) -> jax.Array:
+def _split_micro(x: jax.Array, k: int, group_size: int | None = None) -> jax.Array:
   """[N, ...] -> [k, N/k, ...] where micro-batch j holds rows j, j+k, j+2k, ...
 
   A batch-sharded [N] axis splits into contiguous per-device blocks; reshaping to [N/k, k] keeps
   that sharding on the first axis, so each strided micro-batch is spread over every device.
+  With `group_size` G the same holds for whole groups: micro-batch j holds groups j, j+k, ...
+  (rows in groups of G), so that each keeps its groups' prompts shared.
   """
-  return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
-
-
-def _merge_micro(x: jax.Array) -> jax.Array:
+  g = group_size or 1
+  x = x.reshape((x.shape[0] // (k * g), k, g) + x.shape[1:])
   x = jnp.swapaxes(x, 0, 1)
-  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  return x.reshape((k, x.shape[1] * g) + x.shape[3:])
+
+
+def _merge_micro(x: jax.Array, group_size: int | None = None) -> jax.Array:
+  """Inverse of `_split_micro`."""
+  g = group_size or 1
+  k, m = x.shape[:2]
+  x = jnp.swapaxes(x.reshape((k, m // g, g) + x.shape[2:]), 0, 1)
+  return x.reshape((k * m,) + x.shape[3:])
 
 
 def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, response_len: int,
-            denominators: dict[str, jax.Array], temperature: float, frozen: Any = None):
+            denominators: dict[str, jax.Array], temperature: float, frozen: Any = None,
+            lm_head_chunk: int = 0, group_size: int | None = None):
   """GRPO loss of one micro-batch, normalised by the whole minibatch's denominators.
 
   Returns (loss, metrics); summing the losses of all micro-batches of a minibatch gives the
-  minibatch loss, so their summed gradients are the minibatch gradient.
+  minibatch loss, so their summed gradients are the minibatch gradient. Metrics that are token
+  means over this micro-batch come with "tokens" (its loss-mask count) so that `train_step` can
+  weight them.
+
+  The entropy is always computed here, because it is logged every step: it comes out of the same
+  one-pass reduction over each logits chunk as the log-prob (a few flops per logit next to the
+  2E of the head's matmul), and it carries a gradient only when entropy_coef > 0. The old /
+  reference forwards never compute it.
   """
   cfg = rl.loss
-  need_entropy = True  # Logged every step; the cost is one reduction over the chunked logits.
   logp_NxR, ent_NxR = response_logprobs(graphdef, params, batch["tokens"], batch["attn_mask"],
-                                        response_len, with_entropy=need_entropy,
-                                        temperature=temperature, frozen=frozen)
+                                        response_len, with_entropy=True,
+                                        temperature=temperature, frozen=frozen,
+                                        lm_head_chunk=lm_head_chunk, group_size=group_size)
+  if cfg.entropy_coef == 0:
+    ent_NxR = jax.lax.stop_gradient(ent_NxR)
   old_logp_NxR = batch.get("old_logp")
   if old_logp_NxR is None:  # Fully on-policy: the rollout policy is the current one.
     old_logp_NxR = jax.lax.stop_gradient(logp_NxR)
@@ -156,7 +213,33 @@ def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, respons
     total = total - cfg.entropy_coef * entropy
   metrics["entropy"] = jax.lax.stop_gradient(entropy)
   metrics["loss"] = total
+  metrics["tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
   return total, metrics
+
+
+# How `train_step` combines the per-micro-batch metrics of `loss_fn` into the minibatch's:
+# normalised by the minibatch denominators already (sum), extremes (max), and token means over
+# each micro-batch (weighted by its tokens, so that a micro-batch of 3 tokens does not count as
+# much as one of 300).
+_SUM_METRICS = ("loss", "pg_loss", "kl", "entropy")
+_MAX_METRICS = ("ratio_max",)
+
+
+def combine_micro_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-micro-batch metrics (leading axis k) -> the minibatch's, as `loss_fn` on it would give."""
+  tokens_K = metrics["tokens"]
+  total = jnp.sum(tokens_K)
+  out = {}
+  for k, v in metrics.items():
+    if k == "tokens":
+      continue
+    if k in _SUM_METRICS:
+      out[k] = v.sum()
+    elif k in _MAX_METRICS:
+      out[k] = v.max()
+    else:
+      out[k] = jnp.sum(v * tokens_K) / jnp.maximum(total, 1.0)
+  return out
 
 
 def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[str, jax.Array]:
@@ -167,27 +250,29 @@ def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[st
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, graphdef,
-               tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float):
+               tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float,
+               lm_head_chunk: int = 0, group_size: int | None = None):
   """One optimizer step on a minibatch, accumulating gradients over `num_micro` micro-batches.
+
+  With `group_size` G the minibatch's rows are whole groups (a a a b b b) and every micro-batch
+  holds whole groups: each prompt's forward and backward run once per group (shared prefix).
 
   `frozen` holds the base weights of a LoRA run (no gradient, no optimizer state); None otherwise.
   A step whose loss or gradients are not finite leaves params and optimizer state untouched and
   increments `state.skipped`.
   """
   denominators = minibatch_denominators(batch, rl)
-  micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)
+  micro = jax.tree.map(lambda x: _split_micro(x, num_micro, group_size), batch)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def accumulate(grads, mb):
     (_, metrics), g = grad_fn(state.params, graphdef, mb, rl, response_len, denominators,
-                              temperature, frozen)
+                              temperature, frozen, lm_head_chunk, group_size)
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   grads, metrics = jax.lax.scan(accumulate, zeros, micro)
-  # Micro-batch losses are already normalised by the minibatch denominators: sum, don't average.
-  sum_keys = ("loss", "pg_loss", "kl", "entropy")
-  metrics = {k: (v.sum() if k in sum_keys else v.mean()) for k, v in metrics.items()}
+  metrics = combine_micro_metrics(metrics)
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
@@ -205,3 +290,147 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   metrics["grad_norm"] = grad_norm
   metrics["skipped_update"] = (~finite).astype(jnp.float32)
   return state, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory plan: micro-batch size and remat from a memory budget
+# ----------------------------------------------------------------------------------------------
+
+# On CPU more memory buys no speed: micro-batches of a few thousand tokens already run the matmuls
+# at the machine's rate. The cap keeps the default far from the host's limit (the sampler, the
+# data pipeline and other processes share the RAM) and makes the plan the same on big hosts.
+CPU_BUDGET_FRACTION = 0.35
+CPU_BUDGET_CAP_BYTES = 6 * 2**30
+ACCELERATOR_BUDGET_FRACTION = 0.9
+
+
+def memory_budget(device: Any = None) -> tuple[float, str, bool]:
+  """(bytes, where they come from, per_device) for the update on `device` (default: the first).
+
+  Accelerators: 90% of `device.memory_stats()["bytes_limit"]`, per device. CPU (no memory
+  stats): 35% of the host's RAM, at most 6 GiB, shared by all CPU devices of the process.
+  """
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # Some backends raise instead of returning None.
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return (ACCELERATOR_BUDGET_FRACTION * stats["bytes_limit"],
+            f"90% of one {device.device_kind}'s {stats['bytes_limit'] / 2**30:.1f} GiB", True)
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  budget = min(CPU_BUDGET_FRACTION * ram, CPU_BUDGET_CAP_BYTES)
+  return budget, f"35% of {ram / 2**30:.1f} GiB host RAM, at most 6 GiB", False
+
+
+def activation_bytes(mcfg, rows: int, prompt_len: int, response_len: int, *,
+                     group_size: int | None = None, remat: bool = False,
+                     lm_head_chunk: int = 0) -> float:
+  """Estimated peak bytes of one micro-batch's forward + backward (activations kept for the
+  backward, plus the LM head's working chunk), for `rows` responses of `response_len` tokens after
+  prompts of `prompt_len` (shared by groups of `group_size` rows, or repeated per row).
+
+  Per token and layer the backward keeps ~10 E + 5 F values in the compute dtype (norms,
+  projections, residuals, the SwiGLU branch) and 3 H S float32 attention values (scores,
+  probabilities) over its S visible positions: on SmolLM2-135M (64 rows x 224 tokens, no remat)
+  this gives 33.5 GB against the 31.5 GB XLA compiled (issue 15): a slight overestimate, on
+  purpose. With remat only each layer's input is kept, plus one layer's values in its backward.
+  """
+  E, F, H, L = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_layers
+  K, D, V = mcfg.num_kv_heads, mcfg.head_dim, mcfg.vocab_size
+  b = jnp.dtype(mcfg.dtype).itemsize
+  P, R = prompt_len, response_len
+
+  def layer(tokens, context):
+    return tokens * (10 * E + 5 * F) * b + 3 * H * tokens * context * 4
+
+  if group_size:
+    groups = rows // group_size
+    tokens = groups * P + rows * R
+    per_layer = layer(groups * P, P) + layer(rows * R, P + R) + rows * P * 2 * K * D * b
+  else:
+    tokens = rows * (P + R)
+    per_layer = layer(tokens, P + R)
+  body = L * tokens * E * b + per_layer if remat else L * per_layer
+  chunk = lm_head_chunk or losses.auto_chunk_size(rows, R, V)
+  head = 3 * rows * min(chunk, R) * V * 4 + rows * R * E * b * 2
+  return float(body + head)
+
+
+def state_bytes(trainable_params: int, frozen_params: int, param_dtype: Any) -> float:
+  """Params, gradient accumulator and micro-batch gradient, AdamW moments, the new params and
+  updates of the trained parameters (~7 copies), plus one copy of the frozen ones."""
+  b = jnp.dtype(param_dtype).itemsize
+  return float((7 * trainable_params + frozen_params) * b)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdatePlan:
+  """How the update runs: micro-batch rows, remat, shared prefix, and the memory estimate."""
+  microbatch: int
+  remat: bool
+  shared_prefix: bool
+  automatic: bool
+  budget_bytes: float
+  budget_source: str
+  state_bytes: float
+  activation_bytes: float
+
+  def describe(self, minibatch: int) -> str:
+    gb = lambda x: f"{x / 2**30:.1f}"
+    how = "sized from the memory budget" if self.automatic else "train.microbatch_size"
+    return (f"update: micro-batch {self.microbatch} of {minibatch} responses ({how}), "
+            f"shared prefix {'on' if self.shared_prefix else 'off'}, "
+            f"remat {'on' if self.remat else 'off'}; estimated peak "
+            f"{gb(self.state_bytes + self.activation_bytes)} GiB "
+            f"(state {gb(self.state_bytes)} + activations {gb(self.activation_bytes)}) of "
+            f"{gb(self.budget_bytes)} GiB ({self.budget_source})")
+
+
+def plan_update(mcfg, *, minibatch: int, prompt_len: int, response_len: int,
+                group_size: int | None, batch_div: int = 1, model_div: int = 1,
+                trainable_params: int, frozen_params: int = 0, microbatch: int = 0,
+                force_remat: bool = False, budget: tuple[float, str, bool] | None = None,
+                lm_head_chunk: int = 0) -> UpdatePlan:
+  """Picks the largest micro-batch (a divisor of `minibatch`, whole groups when `group_size` is
+  given, divisible by the mesh's batch axes `batch_div`) whose estimated peak fits the budget;
+  remat only when even the smallest does not fit without it.
+
+  Args:
+    mcfg: the ModelConfig.
+    minibatch: responses per optimizer step.
+    prompt_len, response_len: the longest padded prompt and the response budget (tokens).
+    group_size: G when the update shares each prompt across its group, else None.
+    batch_div, model_div: devices the batch / the parameters are split over (per-device budgets).
+    trainable_params, frozen_params: parameter counts (LoRA: adapters / base).
+    microbatch: an explicit micro-batch (train.microbatch_size); 0 = choose.
+    force_remat: model.remat was set.
+    budget: `memory_budget()` (default: from the first local device).
+  """
+  budget_bytes, source, per_device = budget if budget is not None else memory_budget()
+  state = state_bytes(trainable_params, frozen_params, mcfg.param_dtype) / (
+      model_div if per_device else 1)
+
+  def act(rows, remat, shared):
+    a = activation_bytes(mcfg, rows, prompt_len, response_len,
+                         group_size=group_size if shared else None, remat=remat,
+                         lm_head_chunk=lm_head_chunk)
+    return a / (batch_div if per_device else 1)
+
+  def plan(rows, remat, automatic):
+    shared = bool(group_size) and rows % group_size == 0
+    return UpdatePlan(microbatch=rows, remat=remat, shared_prefix=shared, automatic=automatic,
+                      budget_bytes=budget_bytes, budget_source=source, state_bytes=state,
+                      activation_bytes=act(rows, remat, shared))
+
+  if microbatch:
+    return plan(microbatch, force_remat, False)
+  unit = math.lcm(batch_div, group_size or 1)
+  sizes = [m for m in range(minibatch, 0, -1) if minibatch % m == 0 and m % unit == 0]
+  if not sizes:  # No divisor holds whole groups on every device: one micro-batch.
+    sizes = [minibatch]
+  for remat in ((True,) if force_remat else (False, True)):
+    for rows in sizes:
+      if state + act(rows, remat, bool(group_size)) <= budget_bytes:
+        return plan(rows, remat, True)
+  return plan(sizes[-1], True, True)  # Nothing fits: the smallest, rematerialised (logged).

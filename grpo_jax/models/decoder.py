@@ -518,6 +518,81 @@ def head_logits(config: ModelConfig, params: Mapping[str, Any], hidden_BxTxE: ja
                     preferred_element_type=jnp.float32)
 
 
+def decoder_hidden_shared_prefix(config: ModelConfig, params: Mapping[str, Any],
+                                 prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
+                                 response_ids_NxR: jax.Array, response_mask_NxR: jax.Array, *,
+                                 lora: lora_lib.LoraConfig | None = None):
+  """Final-norm hidden states of B prompts and their N = B * G responses, each prompt run ONCE.
+
+  Equal to `decoder_hidden` on the N rows [prompt_b, response_n] (the prompt repeated G times,
+  a a a b b b) at the prompt's last position and the response positions, but the prompt's layers
+  run on [B, P] instead of [N, P]: in every layer the prompt block runs first and its keys /
+  values are repeated G times for the responses' attention. Under autodiff the gradients of
+  all G responses flow back into the one prompt computation. Positions continue each prompt's
+  (cumsum of the mask, as for the concatenated row).
+
+  Args:
+    config: the model config (`remat` wraps each layer's two blocks in one `jax.checkpoint`).
+    params: as for `decoder_hidden` (LoRA adapters included; no adapter dropout).
+    prompt_ids_BxP, prompt_mask_BxP: left-padded prompts, once per group.
+    response_ids_NxR, response_mask_NxR: the responses, group b at rows b*G ... b*G + G - 1.
+
+  Returns:
+    (prompt_last_BxE, response_hidden_NxRxE): the hidden state at each prompt's last position
+    (which predicts the first response token) and at every response position.
+  """
+  B, P = prompt_ids_BxP.shape
+  N, R = response_ids_NxR.shape
+  if N % B:
+    raise ValueError(f"response_ids: {N} rows are not a whole number of groups of the {B} prompts")
+  G = N // B
+  dt = jnp.dtype(config.dtype)
+  pvalid_BxP = prompt_mask_BxP.astype(jnp.bool_)
+  rvalid_NxR = response_mask_NxR.astype(jnp.bool_)
+  pmask_BxPxP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & pvalid_BxP[:, None, :]
+  # A response query sees every real prompt token and the real response tokens up to itself.
+  rmask_NxRxS = jnp.concatenate([
+      jnp.broadcast_to(jnp.repeat(pvalid_BxP, G, axis=0)[:, None, :], (N, R, P)),
+      jnp.tril(jnp.ones((R, R), jnp.bool_))[None] & rvalid_NxR[:, None, :]], axis=2)
+  ppos_BxP = default_positions(prompt_mask_BxP)
+  plen_N = jnp.repeat(jnp.sum(prompt_mask_BxP.astype(jnp.int32), axis=1), G)
+  rpos_NxR = jnp.maximum(plen_N[:, None] + jnp.cumsum(response_mask_NxR.astype(jnp.int32), axis=1)
+                         - 1, 0)
+  inv_freq = rope_inv_freq(config)
+  pcos, psin = rope_cos_sin(ppos_BxP, inv_freq)
+  rcos, rsin = rope_cos_sin(rpos_NxR, inv_freq)
+  xp_BxPxE = jnp.take(params["embed"], prompt_ids_BxP, axis=0).astype(dt)
+  xr_NxRxE = jnp.take(params["embed"], response_ids_NxR, axis=0).astype(dt)
+  layer_w = params["layers"]
+  if params.get("lora"):
+    if lora is None:
+      raise ValueError("lora: params hold LoRA adapters but no LoraConfig was given")
+    layer_w = dict(layer_w, lora=params["lora"])
+
+  def body(carry, w):
+    xp, xr = carry
+    prompt_kv = {}
+
+    def kv_prompt(k, v):
+      prompt_kv["k"], prompt_kv["v"] = k, v
+      return k, v, pmask_BxPxP
+
+    def kv_response(k, v):
+      keys = jnp.concatenate([jnp.repeat(prompt_kv["k"], G, axis=0), k], axis=1)
+      values = jnp.concatenate([jnp.repeat(prompt_kv["v"], G, axis=0), v], axis=1)
+      return keys, values, rmask_NxRxS
+
+    xp = _block(config, w, xp, pcos, psin, kv_prompt, lora)
+    xr = _block(config, w, xr, rcos, rsin, kv_response, lora)
+    return (xp, xr), None
+
+  if config.remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  (xp_BxPxE, xr_NxRxE), _ = jax.lax.scan(body, (xp_BxPxE, xr_NxRxE), layer_w)
+  last_BxE = rms_norm(xp_BxPxE[:, -1], params["final_norm"], config.rms_norm_eps)
+  return last_BxE, rms_norm(xr_NxRxE, params["final_norm"], config.rms_norm_eps)
+
+
 class Decoder(nnx.Module):
   """Decoder-only transformer (Llama 3 / Qwen2 / Qwen3). See the module docstring for the API.
 

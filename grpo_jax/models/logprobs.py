@@ -6,10 +6,12 @@ at t - 1. Entry 0 has no context and is 0, and so is every entry whose token is 
 directly; no shifting in the loss.
 
 Memory: the [B, T, V] float32 logits are the largest tensor of a training step (a 150k vocab at
-B*T = 16k tokens is ~10 GB). We never build them: the final hidden states are split into chunks
-of `chunk_size` positions and `lax.map` runs LM head + logsumexp + gather per chunk, under
-`jax.checkpoint`, so the forward holds one [B, C, V] chunk at a time and the backward recomputes
-each chunk's logits instead of storing them all.
+B*T = 16k tokens is ~10 GB). With `chunk_size` set they are never built: the final hidden states
+are split into chunks of `chunk_size` positions and `lax.map` runs LM head + logsumexp + gather per
+chunk, under `jax.checkpoint`, so the forward holds one [B, C, V] chunk at a time and the backward
+recomputes each chunk's logits instead of storing them all. Without it (the default here) one
+chunk holds all of them. The trainer does not use this module: `update.response_logprobs` runs
+`losses.head_logprobs` on the response positions only, chunked automatically.
 """
 
 from __future__ import annotations

@@ -1,0 +1,205 @@
+r"""Update FLOPs (XLA cost analysis) of the plain and the shared-prefix GRPO update vs the ideal,
+and the wall time of one update on the real model.
+
+  python bench/update_flops.py                      # FLOPs only (compiles small-depth programs)
+  python bench/update_flops.py --time               # also time one update on SmolLM2-135M
+
+What is counted. `jax.value_and_grad(update.loss_fn)` over one micro-batch holding the whole batch
+(B prompts x G responses, every prompt P tokens and every response R tokens: no padding), float32,
+full fine-tuning, in the SmolLM2-135M shape (30 layers, E = 576, F = 1536, 9 q / 3 kv heads, tied
+49,152 vocabulary). `flops` from `jit(...).lower(...).compile().cost_analysis()`. XLA counts a
+while loop's body once, so the layer scan is unrolled for the count (`lax.scan(unroll=True)`) on
+1- and 2-layer copies of the shape, and the 30-layer figure is extrapolated linearly (exact: every
+layer is the same program): flops(30) = flops(1) + 29 (flops(2) - flops(1)). The LM head runs as
+one chunk here (its `lax.map` would be a loop too; chunking does not change its FLOPs).
+
+The ideal: matmul FLOPs of the forward + backward (3x the forward) of each prompt ONCE per group
+and each response token once, no padding: per token and layer 2 (E H D + 2 E K D + H D E + 3 E F),
+attention 4 H D S per query over its S visible positions (the prompt's P for prompt queries, P + R
+for response queries, as the dense masked attention computes them), and the LM head 2 E V on the
+response positions only. Expected saving of the shared prefix ~ (G - 1) / G x P / (P + R).
+
+--time: one update (`update.train_step`, jitted, AdamW) on the real SmolLM2-135M-Instruct weights,
+plain vs shared, B prompts as below, after a warm-up call, `block_until_ready` before reading the
+clock; interleaved rounds, median. Micro-batches of 4 rows (plain) and of one group (shared)
+keep the activations to a few GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+
+SETTINGS = ((256, 8, 128), (96, 4, 48))  # (P, G, R)
+
+
+def smollm2_shape(**overrides):
+  from grpo_jax.models import ModelConfig
+  fields = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True,
+                rope_theta=100000.0, rms_norm_eps=1e-5, model_type="llama",
+                max_position_embeddings=8192)
+  return ModelConfig(**{**fields, **overrides})
+
+
+def _batch_shapes(n, P, R):
+  import jax
+  import jax.numpy as jnp
+  L = P + R
+  return {"tokens": jax.ShapeDtypeStruct((n, L), jnp.int32),
+          "attn_mask": jax.ShapeDtypeStruct((n, L), jnp.int32),
+          "loss_mask": jax.ShapeDtypeStruct((n, R), jnp.float32),
+          "kl_mask": jax.ShapeDtypeStruct((n, R), jnp.float32),
+          "advantages": jax.ShapeDtypeStruct((n,), jnp.float32)}
+
+
+def xla_flops(cfg, B, P, G, R, shared: bool) -> float:
+  """Compiled FLOPs of value_and_grad(loss_fn) on abstract params (layer scan unrolled)."""
+  import jax
+  from flax import nnx
+
+  from grpo_jax import update
+  from grpo_jax.config import RLConfig
+  from grpo_jax.models import Decoder
+
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  rl = RLConfig()
+
+  def f(p, batch):
+    den = update.minibatch_denominators(batch, rl)
+    return jax.value_and_grad(update.loss_fn, has_aux=True)(
+        p, graphdef, batch, rl, R, den, 1.0, lm_head_chunk=R, group_size=G if shared else None)
+
+  cost = jax.jit(f).lower(params, _batch_shapes(B * G, P, R)).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"])
+
+
+def extrapolated_flops(cfg, B, P, G, R, shared: bool) -> float:
+  f1 = xla_flops(cfg.replace(num_layers=1), B, P, G, R, shared)
+  f2 = xla_flops(cfg.replace(num_layers=2), B, P, G, R, shared)
+  return f1 + (cfg.num_layers - 1) * (f2 - f1)
+
+
+def ideal_flops(cfg, B, P, G, R) -> float:
+  E, F, H, K, D, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                         cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.num_layers)
+  linear = 2 * (E * H * D + 2 * E * K * D + H * D * E + 3 * E * F)
+  prompt_tokens, response_tokens = B * P, B * G * R
+  per_layer = (prompt_tokens * (linear + 4 * H * D * P)
+               + response_tokens * (linear + 4 * H * D * (P + R)))
+  forward = L * per_layer + response_tokens * 2 * E * V
+  return 3.0 * forward
+
+
+def time_updates(model_dir: str, B: int, P: int, G: int, R: int, rounds: int) -> dict:
+  """Median seconds of one jitted train_step, plain vs shared, on the real weights."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from grpo_jax import models, update
+  from grpo_jax.config import OptimConfig, RLConfig
+
+  model = models.from_pretrained(model_dir)
+  graphdef, params = nnx.split(model)
+  tx = update.make_optimizer(OptimConfig(learning_rate=1e-6, warmup_steps=0), 100)
+  rng = np.random.RandomState(0)
+  n = B * G
+  prompt = rng.randint(10, 40000, (B, P))
+  batch = {
+      "tokens": jnp.asarray(np.concatenate([np.repeat(prompt, G, 0),
+                                            rng.randint(10, 40000, (n, R))], 1), jnp.int32),
+      "attn_mask": jnp.ones((n, P + R), jnp.int32),
+      "loss_mask": jnp.ones((n, R), jnp.float32), "kl_mask": jnp.ones((n, R), jnp.float32),
+      "advantages": jnp.asarray(rng.normal(size=n), jnp.float32),
+  }
+  rl = RLConfig()
+  steps = {}
+  # Micro-batches keep the activations a few GB: 4 rows for the plain path, one group (G rows)
+  # for the shared one.
+  for name, g, micro in (("plain", None, n // 4), ("shared", G, B)):
+    steps[name] = jax.jit(functools.partial(
+        update.train_step, graphdef=graphdef, tx=tx, rl=rl, response_len=R, num_micro=micro,
+        temperature=1.0, group_size=g))
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  times = {k: [] for k in steps}
+  for name, step in steps.items():  # compile + warm-up
+    jax.block_until_ready(step(state, batch))
+  for _ in range(rounds):
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(state, batch))
+      times[name].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=2,
+                 help="prompts B per update (FLOPs are linear in B)")
+  p.add_argument("--time", action="store_true", help="also time one update on SmolLM2-135M")
+  p.add_argument("--time-batch", type=int, nargs=2, default=(1, 4),
+                 help="B for the timing of each setting in SETTINGS order (0: not timed)")
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--model-dir",
+                 default=os.path.expanduser("~/.cache/grpo_jax/SmolLM2-135M-Instruct"))
+  p.add_argument("--json")
+  p.add_argument("--no-flops", action="store_true", help="with --time: skip the FLOP counts")
+  args = p.parse_args()
+
+  import jax
+  # Count every layer: XLA's cost analysis counts a while loop's body once.
+  jax.lax.scan = functools.partial(jax.lax.scan, unroll=True)
+  cfg = smollm2_shape()
+  rows = []
+  for (P, G, R) in SETTINGS:
+    B = args.batch
+    if args.no_flops:
+      rows.append({"P": P, "G": G, "R": R})
+      continue
+    plain = extrapolated_flops(cfg, B, P, G, R, shared=False)
+    shared = extrapolated_flops(cfg, B, P, G, R, shared=True)
+    ideal = ideal_flops(cfg, B, P, G, R)
+    row = {"P": P, "G": G, "R": R, "B": B, "plain_tflop": plain / 1e12,
+           "shared_tflop": shared / 1e12, "ideal_tflop": ideal / 1e12,
+           "plain_over_ideal": plain / ideal, "shared_over_ideal": shared / ideal,
+           "saving": 1 - shared / plain, "expected_saving": (G - 1) / G * P / (P + R)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  if args.time:
+    jax.lax.scan = jax.lax.scan.func  # Time the real (rolled) program.
+    for (P, G, R), B in zip(SETTINGS, args.time_batch):
+      if not B:
+        continue
+      t = time_updates(args.model_dir, B, P, G, R, args.rounds)
+      row = next(r for r in rows if (r["P"], r["G"], r["R"]) == (P, G, R))
+      row.update({"time_B": B, "plain_s": t["plain"], "shared_s": t["shared"],
+                  "speedup": t["plain"] / t["shared"]})
+      print(json.dumps(row), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+  print("| P | G | R | plain / ideal | shared / ideal | FLOPs saved | expected (G-1)/G·P/(P+R) |"
+        " plain s | shared s | speed-up |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "plain_tflop" not in r:
+      r.update(plain_over_ideal=float("nan"), shared_over_ideal=float("nan"),
+               saving=float("nan"), expected_saving=(r["G"] - 1) / r["G"] * r["P"] / (r["P"] + r["R"]))
+    t = (f"{r['plain_s']:.2f} | {r['shared_s']:.2f} | {r['speedup']:.2f}x" if "plain_s" in r
+         else "— | — | —")
+    print(f"| {r['P']} | {r['G']} | {r['R']} | {r['plain_over_ideal']:.2f} | "
+          f"{r['shared_over_ideal']:.2f} | {100 * r['saving']:.0f} % | "
+          f"{100 * r['expected_saving']:.0f} % | {t} |")
+
+
+if __name__ == "__main__":
+  main()
