@@ -297,3 +297,22 @@ def test_eight_devices_equal_one_device(tok, client):
                                   np.asarray(getattr(one, field)))
   np.testing.assert_allclose(np.asarray(eight.logprobs), np.asarray(one.logprobs), atol=1e-5)
   assert len(eight.tokens.sharding.device_set) == 8
+
+
+def test_search_r1_eos_semantics_on_the_cache(tok, client):
+  """eos_without_action="invalid" on the real sampler: the EOS a row sampled is dropped from its
+  cache (rewound) and the corrective observation follows; the cached log-probs still equal the
+  training forward, and no response holds an EOS."""
+  out, config, (graphdef, params, ids, mask) = _run(
+      tok, client, bias=8.0, group_size=2, max_response_tokens=160, max_obs_tokens=40,
+      max_turns=2, eos_without_action="invalid")
+  R = config.max_response_tokens
+  m, im, lp, toks = (np.asarray(x) for x in (out.mask, out.info_mask, out.logprobs, out.tokens))
+  assert not (toks[m == 1] == tok.eos_token_id).any()
+  # Prompt "copy the cards." walks "." -> "stones" -> EOS (with "end": finish "eos", see the
+  # scripted test above); here the EOS is dropped and the (40-token) correction follows at once.
+  obs = tok.decode(tok.encode(sp.INVALID_ACTION_OBSERVATION, add_special_tokens=False)[:40])
+  assert out.texts[6] == out.texts[7] and out.texts[6].startswith("stones" + obs)
+  assert out.finish_reasons[6] != "eos"
+  want = _training_logprobs(graphdef, params, ids, mask, out, 2, R, 1.0)  # greedy: T=1 log-probs
+  np.testing.assert_allclose(lp, want * m * (1 - im), atol=1e-5, rtol=0)
