@@ -86,7 +86,9 @@ def get_config(arg: str | None = None):
         c.train.num_steps = 6  # GRPO steps.
         c.data.batch_size = 4  # prompts per step: 32 responses.
         c.rollout.max_new_tokens = 12  # "7 + 15 = 22." still fits.
-        c.optim.learning_rate = 5e-5  # a larger step, so that 6 steps show the gain.
+        # A larger step, so that 6 steps show the gain. It also replaces the LoRA lr in ":lora,short"
+        # (the PEFT-export test's 2 steps only need adapters that moved).
+        c.optim.learning_rate = 5e-5
         c.train.eval_every = 6  # one held-out evaluation, at the end.
         c.train.eval_num_prompts = 32  # the first 32 held-out prompts.
         c.train.eval_pass_k = 1  # pass@1 (the evaluation's sampled half is then cheap).
