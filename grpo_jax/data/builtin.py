@@ -1,8 +1,8 @@
 """Built-in tasks as TFDS builders that generate their examples locally (no download).
 
 They are written as array_record (`download_and_prepare(file_format="array_record")`) and read back
-with `tfds.data_source`, which needs no TensorFlow. Each task has a reward of the same name in
-`grpo_jax.rewards` (`"digits"`, `"arithmetic"`).
+with `tfds.data_source`, which needs no TensorFlow. `digits` and `arithmetic` have a reward of the
+same name in `grpo_jax.rewards`; `addition` is scored by `"numeric"`.
 
 Tasks:
   digits: ``"repeat the last digit: 3 8 1"`` → ``"1"``. The answer is one token copied from the
@@ -13,6 +13,12 @@ Tasks:
     (disjoint).
   arithmetic: two- to four-step word problems with GSM8K-style gold (worked steps, then
     ``#### 42``); reward `numeric`. 2000 train, 200 test (disjoint prompts).
+  addition: ``"What is 7 + 15? Answer with the number only."`` → ``"22"``, both numbers in 0..19;
+    reward `numeric` (the last number of the response). Posed to a small *pretrained* model
+    (SmolLM2-135M-Instruct, with its chat template): the built-in `arithmetic` task is far out of its
+    reach (reward 0 at the start), this one is not (configs/smollm2_addition.py). The 400 ordered
+    pairs are split by unordered pair ({a, b}: both orders in the same split), 20% test, so a test
+    sum is never seen in training with its operands swapped.
 """
 
 from __future__ import annotations
@@ -132,10 +138,42 @@ class GrpoArithmetic(_LocalBuilder):
       yield i, {"prompt": q, "answer": a}
 
 
+class GrpoAddition(_LocalBuilder):
+  """The `addition` task: "What is a + b?" with a, b in 0..19, gold the sum."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  MAX_OPERAND = 19
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Addition of two numbers in 0..19, answer with the number only.",
+        features=tfds.features.FeaturesDict(
+            {"prompt": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    n = self.MAX_OPERAND + 1
+    unordered = [(a, b) for a in range(n) for b in range(a, n)]
+    order = np.random.RandomState(2468).permutation(len(unordered))
+    n_test = int(len(unordered) * 0.2)
+    def ordered(idx):  # Both orders of each unordered pair (one when a == b).
+      return sorted({p for i in idx for p in (unordered[i], unordered[i][::-1])})
+    return {"train": self._generate_examples(ordered(order[n_test:])),
+            "test": self._generate_examples(ordered(order[:n_test]))}
+
+  def _generate_examples(self, pairs):
+    for a, b in pairs:
+      yield a * 100 + b, {"prompt": f"What is {a} + {b}? Answer with the number only.",
+                          "answer": str(a + b)}
+
+
 # task name (as in "builtin:<task>") -> builder class.
 BUILTIN_TASKS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "digits": GrpoDigits,
     "arithmetic": GrpoArithmetic,
+    "addition": GrpoAddition,
 }
 
 
