@@ -523,7 +523,8 @@ def _slot_bucket(steps: int, max_new_tokens: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("group_size", "max_new_tokens", "slots", "pad_token_id", "mesh"))
+                   static_argnames=("group_size", "max_new_tokens", "slots", "pad_token_id",
+                                    "mesh"))
 def _start_jit(graphdef, params, ids_BxP, mask_BxP, *, group_size, max_new_tokens, slots,
                pad_token_id, mesh):
   """Prefill once per prompt, repeat G times, per-layer cache of P + slots; unstacked weights."""
