@@ -523,7 +523,8 @@ def _slot_bucket(steps: int, max_new_tokens: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("group_size", "max_new_tokens", "slots", "pad_token_id", "mesh"))
+                   static_argnames=("group_size", "max_new_tokens", "slots", "pad_token_id",
+                                    "mesh"))
 def _start_jit(graphdef, params, ids_BxP, mask_BxP, *, group_size, max_new_tokens, slots,
                pad_token_id, mesh):
   """Prefill once per prompt, repeat G times, per-layer cache of P + slots; unstacked weights."""
@@ -540,7 +541,9 @@ def _start_jit(graphdef, params, ids_BxP, mask_BxP, *, group_size, max_new_token
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,),
                    static_argnames=_SAMPLING_STATIC)
 def _chunk_jit(config, lora, params_u, st, rng, t_end, **static):
-  return _decode_steps(config, lora, params_u, st, rng, t_end, **static)
+  st = _decode_steps(config, lora, params_u, st, rng, t_end, **static)
+  # A replicated copy of `done` for the host: every process can read it (multi-host meshes).
+  return st, _constrain(st.done, (None,), static["mesh"])
 
 
 @functools.partial(jax.jit, static_argnames=("length", "mesh"))
@@ -648,7 +651,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
     if t0 > 0:
       # Finished rows leave the batch and the cache grows to what the next chunk reads: the
       # only host round trip, one [M] bool read per chunk.
-      live_M = ~np.asarray(st.done)
+      live_M = ~np.asarray(done_M)
       if not live_M.any():
         break
       new_rows = row_bucket(int(live_M.sum()), N, multiple)
@@ -662,7 +665,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
           sel[:rows] = np.arange(rows)
         st = _resize_jit(st, _place(sel, mesh), length=P + new_slots, mesh=mesh)
         rows, slots = new_rows, new_slots
-    st = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t0 + _CHUNK), **static)
+    st, done_M = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t0 + _CHUNK), **static)
   return _output(st, None)
 
 

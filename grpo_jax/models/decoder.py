@@ -21,6 +21,11 @@ Contract (the sampler and the trainer build on exactly this):
       tokens after the valid slots already in the cache.
   cache = repeat_cache(cache, group_size)     # a a a b b b, as jnp.repeat along the batch.
 
+  Decode step (the sampler's hot loop; see "decode step" below): `to_decode_cache(cache, length)`
+  gives a `DecodeCache` (one [B, K, S, D] buffer per layer), `unstack_layers(arrays, L)` the
+  weights per layer, and `decode_hidden(config, arrays_u, ids_B, live_B, pos_B, dcache, idx)`
+  feeds one token per row, equal to the cached T = 1 call above; `from_decode_cache` goes back.
+
 Functional use inside jit: `graphdef, state = nnx.split(model)`, then `nnx.merge(graphdef, state)`
 inside the jitted function.
 
@@ -507,7 +512,8 @@ def decode_hidden(config: ModelConfig, params: Mapping[str, Any], ids_B: jax.Arr
   return hidden, DecodeCache(k=tuple(ks), v=tuple(vs), valid=valid_BxS)
 
 
-def head_logits(config: ModelConfig, params: Mapping[str, Any], hidden_BxTxE: jax.Array) -> jax.Array:
+def head_logits(config: ModelConfig, params: Mapping[str, Any],
+                hidden_BxTxE: jax.Array) -> jax.Array:
   """`Decoder.logits` on arrays: params hold "embed" (tied) or "lm_head" [E, V]. float32."""
   dt = hidden_BxTxE.dtype
   if config.tie_word_embeddings:
