@@ -604,7 +604,7 @@ def _open_loop(run: RunConfig, workdir: str, devices, lock, stop) -> Loop | None
     if missing and is_main:
       ckpt_lib.warn(f"{metrics_path} has no rows for steps {metrics_lib.ranges(missing)} "
                     f"(deleted or truncated?): those steps stay missing from the curves")
-  if is_main:  # What the user wrote (resolved): `--config` can read it back.
+  if is_main:  # Laid out as the user wrote it (resolved): it can be fed back to `resolve`.
     ckpt_lib.dump_json(os.path.join(workdir, "config.json"), user_config(run))
 
   writer = metrics_lib.MetricsWriter(workdir, total_steps=run.train.num_steps, initial_step=start,
@@ -1077,10 +1077,11 @@ def failure_message(e: BaseException, workdir: str) -> str | None:
     msg = distributed.peer_failure_message(e)
     if msg is not None:
       return msg
-    if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
-      return (f"out of device memory ({' '.join(str(e).split())[:200]}); lower "
-              f"train.microbatch_size, or set model.remat=True; the last checkpoint in "
-              f"{os.path.join(os.path.abspath(workdir), 'checkpoints')} is kept")
+  # XLA raises JaxRuntimeError; an error inside a host callback comes back as another type.
+  if "RESOURCE_EXHAUSTED" in str(e) and "memory" in str(e).lower():
+    return (f"out of device memory ({' '.join(str(e).split())[:200]}); lower "
+            f"train.microbatch_size, or set model.remat=True; the last checkpoint in "
+            f"{os.path.join(os.path.abspath(workdir), 'checkpoints')} is kept")
   return None
 
 
