@@ -370,17 +370,19 @@ def _check_every_row(data_config) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir can be created and written (not under a file, not read-only)."""
+  """The workdir can be created and written (not under a file, not read-only); creates nothing,
+  so a run refused later leaves no trace."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: {workdir!r} exists and is not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--workdir: cannot write to {workdir!r} ({e.strerror or e})") from None
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir: cannot create {workdir!r}: {existing!r} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    reason = "Read-only file system" if read_only else "Permission denied"
+    raise ConfigError(f"--workdir: cannot write to {workdir!r} ({reason})")
 
 
 def _checked_tokenizer(run: RunConfig):
