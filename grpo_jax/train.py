@@ -425,17 +425,19 @@ def _check_every_row(data_config) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir can be created and written (not under a file, not read-only)."""
+  """The workdir can be created and written (not under a file, not read-only); creates nothing,
+  so a run refused later leaves no trace."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: {workdir!r} exists and is not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--workdir: cannot write to {workdir!r} ({e.strerror or e})") from None
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir: cannot create {workdir!r}: {existing!r} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    reason = "Read-only file system" if read_only else "Permission denied"
+    raise ConfigError(f"--workdir: cannot write to {workdir!r} ({reason})")
 
 
 def _checked_tokenizer(run: RunConfig):
@@ -659,7 +661,7 @@ def _open_loop(run: RunConfig, workdir: str, devices, lock, stop) -> Loop | None
     if missing and is_main:
       ckpt_lib.warn(f"{metrics_path} has no rows for steps {metrics_lib.ranges(missing)} "
                     f"(deleted or truncated?): those steps stay missing from the curves")
-  if is_main:  # What the user wrote (resolved): `--config` can read it back.
+  if is_main:  # Laid out as the user wrote it (resolved): it can be fed back to `resolve`.
     ckpt_lib.dump_json(os.path.join(workdir, "config.json"), user_config(run))
 
   writer = metrics_lib.MetricsWriter(workdir, total_steps=run.train.num_steps, initial_step=start,
@@ -1136,10 +1138,11 @@ def failure_message(e: BaseException, workdir: str) -> str | None:
     msg = distributed.peer_failure_message(e)
     if msg is not None:
       return msg
-    if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
-      return (f"out of device memory ({' '.join(str(e).split())[:200]}); lower "
-              f"train.microbatch_size, or set model.remat=True; the last checkpoint in "
-              f"{os.path.join(os.path.abspath(workdir), 'checkpoints')} is kept")
+  # XLA raises JaxRuntimeError; an error inside a host callback comes back as another type.
+  if "RESOURCE_EXHAUSTED" in str(e) and "memory" in str(e).lower():
+    return (f"out of device memory ({' '.join(str(e).split())[:200]}); lower "
+            f"train.microbatch_size, or set model.remat=True; the last checkpoint in "
+            f"{os.path.join(os.path.abspath(workdir), 'checkpoints')} is kept")
   return None
 
 

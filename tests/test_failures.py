@@ -296,7 +296,7 @@ def test_out_of_memory_in_the_update_saves_nothing_and_is_one_line(tmp_path, mon
     return state.replace(step=step), metrics
 
   monkeypatch.setattr(update, "train_step", oom_at_step_2)
-  with pytest.raises(jax.errors.JaxRuntimeError) as failure:
+  with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as failure:
     run1(tmp_path, "--config.train.num_steps=4", "--config.train.checkpoint_every=1")
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   assert [r["step"] for r in rows(tmp_path)] == [1]
