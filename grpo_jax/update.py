@@ -12,6 +12,11 @@ Batch layout (one row per response, N = prompts x G):
   advantages_N    f32    one advantage per response, broadcast over its tokens
   old_logp_NxR    f32    log-probs of the rollout policy (absent when fully on-policy)
   ref_logp_NxR    f32    log-probs of the reference policy (absent when kl_coef = 0)
+
+With `group_size` G (the shared-prefix path) the rows come in groups of G responses to one prompt
+(a a a b b b, the prompt part of a group's rows identical): each prompt then runs once per group
+and micro-batches hold whole groups. `plan_update` picks the micro-batch (and remat) from a memory
+budget.
 """
 
 from __future__ import annotations

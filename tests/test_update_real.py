@@ -94,5 +94,7 @@ def test_shared_prefix_equals_plain_on_smollm2(smollm2):
     scale = float(np.max(np.abs(b)))
     assert scale > 0
     np.testing.assert_allclose(a, b, atol=1e-4 * scale)
+  # Log-probs agree to ~1e-5 after 30 float32 layers, so do the metrics built from them (ppo_kl
+  # is a mean of differences of nearly equal log-probs: absolute tolerance).
   for key in want:
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
