@@ -29,6 +29,9 @@ LOCAL_SH = os.path.join(ROOT, "launch", "local.sh")
 SMOKE = f"--config={ROOT}/configs/default.py:smoke"
 # Compared as they are: wall-clock figures differ from run to run.
 _TIMING = ("time/", "throughput/")
+# Longer than one decode chunk (8 steps): the sampler's compaction runs between chunks, reading
+# which rows are done from arrays that span both processes.
+LONG = ("--config.rollout.max_new_tokens=12",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,12 +173,13 @@ def test_local_sh_rejects_bad_counts():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The smoke config (4 steps; eval, export and checkpoints every 2) in both layouts."""
+  """The smoke config (4 steps; eval, export and checkpoints every 2; responses of up to 12
+  tokens) in both layouts."""
   base = tmp_path_factory.mktemp("multihost")
   cache = base / "xla_cache"  # Later launches reuse the first one's compiled programs.
   wd22, wd14 = base / "wd_2x2", base / "wd_1x4"
-  launch_2x2(wd22, logdir=base / "logs_2x2", cache_dir=cache)
-  run_1x4(wd14)
+  launch_2x2(wd22, *LONG, logdir=base / "logs_2x2", cache_dir=cache)
+  run_1x4(wd14, *LONG)
   return {"base": base, "cache": cache, "2x2": wd22, "1x4": wd14}
 
 
@@ -226,7 +230,7 @@ def test_resume_across_layouts(runs):
   final14 = read_state(wd14, 4)
   rows14 = read_jsonl(wd14 / "metrics.jsonl")
   # Eval and export do not touch the train state or the data order; skipping them saves compiles.
-  quick = ("--config.train.eval_every=0", "--config.train.export_every=0")
+  quick = (*LONG, "--config.train.eval_every=0", "--config.train.export_every=0")
   for writer, resumer in (("2x2", "1x4"), ("1x4", "2x2")):
     wd = base / f"resume_{writer}_by_{resumer}"
     shutil.copytree(runs[writer], wd)
