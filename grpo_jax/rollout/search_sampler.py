@@ -52,9 +52,9 @@ and every decode chunk are global SPMD programs over the whole batch, so all pro
 the same calls with the same shapes: the generator gathers every process's `TurnRequest` into one
 (`allgather_objects`) and every decode chunk's ids to every process (`sampling.fetch`), and each
 process then runs the single-process bookkeeping of the *whole* batch, identically; the rollout
-loop runs in lockstep (an empty request once a process's rows are done). The result is that of one process
-holding the whole batch (same layout, same random draws), returned as global arrays with this
-process's texts; the metrics are pooled over all rows (`_pooled_metrics`).
+loop runs in lockstep (an empty request once a process's rows are done). The result is that of
+one process holding the whole batch (same layout, same random draws), returned as global arrays
+with this process's texts; the metrics are pooled over all rows (`_pooled_metrics`).
 
 Counters (for the cost of the cache vs re-prefilling): `num_prefill_tokens` (B * P_b prompt slots
 run once), `num_append_tokens` (slots run by `append`, padding included), `num_decode_tokens`
