@@ -114,6 +114,30 @@ def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+_LOAD_DAMAGED, _LOAD_FAILED = 1, 2
+# What a damaged checkpoint raises: our digest/finite checks, missing files or metadata, bad JSON,
+# and Orbax/TensorStore read errors on truncated or missing data (a ValueError carrying the
+# TensorStore status, a pytree mismatch when _METADATA is gone, a bare Exception on a short read).
+_DAMAGE_TYPES = (CheckpointError, FileNotFoundError, KeyError, json.JSONDecodeError)
+_DAMAGE_VALUE_ERRORS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "pytree structure error")
+
+
+def _is_damage(e: BaseException) -> bool:
+  if isinstance(e, _DAMAGE_TYPES):
+    return True
+  if isinstance(e, ValueError):
+    return str(e).startswith(_DAMAGE_VALUE_ERRORS)
+  return type(e) is Exception and "error while reading" in str(e)
+
+
+def _agree(code: int) -> int:
+  """The largest of every process's load outcome (0 ok, damaged, failed)."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
 def _one_line(e: BaseException) -> str:
   msg = (str(e).strip().splitlines() or [""])[0][:300]
   return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
@@ -197,22 +221,35 @@ class Checkpointer:
     """Restores the newest usable checkpoint: (step, state), or None when there is none.
 
     `set_data_state(data_state)` hands the iterator state to the data pipeline (it may refuse it).
-    A checkpoint that fails to load or to verify is moved to `<directory>.corrupt/` with a
-    warning naming it, and the previous one is tried.
+    A damaged checkpoint (one that fails to verify, or whose files are missing, truncated or
+    unreadable on any process) is moved to `<directory>.corrupt/` with a warning naming it, and
+    the previous one is tried; all processes agree on each step.
 
     Raises:
       ConfigError: the checkpoints belong to another model (nothing is moved).
-      CheckpointError: there are checkpoints but none is usable (nothing is moved).
+      CheckpointError: there are checkpoints but none is usable (nothing is moved), or one failed
+        to load for a reason other than damage, e.g. out of memory (it is not moved).
     """
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):
+      error = None
       try:
         state, data_state = self.restore(step, abstract_state, config)
         set_data_state(data_state)
       except ConfigError:
         raise
-      except Exception as e:  # noqa: BLE001 -- any failure to load means "do not use this one".
-        damaged.append((step, _one_line(e)))
+      except Exception as e:  # noqa: BLE001 -- sorted below: damage, or a failure to report.
+        error = e
+      # Every process resumes from the same step: the worst outcome of all of them counts.
+      code = _agree(0 if error is None else _LOAD_DAMAGED if _is_damage(error) else _LOAD_FAILED)
+      if code == _LOAD_FAILED:
+        where = os.path.join(self.directory, str(step))
+        why = _one_line(error) if error is not None else "another process failed to load it"
+        raise CheckpointError(f"checkpoints: could not load {where} ({why}); it is not damaged "
+                              f"and was left in place")
+      if code == _LOAD_DAMAGED:
+        why = _one_line(error) if error is not None else "another process found it damaged"
+        damaged.append((step, why))
         continue
       for bad_step, reason in damaged:
         where = os.path.join(self.directory, str(bad_step))
