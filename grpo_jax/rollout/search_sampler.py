@@ -42,8 +42,9 @@ done each decode step costs half. Inside a chunk, rows that stopped early ride a
 
 Static shapes: the cache has S = P_b + R + F_max + C·ceil(T/C) slots (T = per-turn budget,
 F_max = observation cap + 1), enough for the worst turn after a compaction. Compiles:
-prefill once per (B, P_b); `_compact`, `append` and `decode` once per row bucket (log2(B*G)) and
-observation width bucket; nothing depends on the data otherwise.
+prefill once per (B, P_b); `_compact` once per row bucket (log2(B*G)), `append` once per (row
+bucket, observation width bucket), and `decode` once per (row bucket, slot length): its `length`
+is static, a power of two; nothing depends on the data otherwise.
 
 Several processes: each passes its own prompts (rows [p*N/np, (p+1)*N/np) of the batch, the
 layout of `host.to_host`) and runs `run_search_rollout` over its own rows, so text, stop checks,
