@@ -17,7 +17,6 @@ non-finite value is never saved, so the last good checkpoint is never rotated aw
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,25 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from grpo_jax.config import ConfigError
+from grpo_jax.config import ConfigError, config_to_json
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
-
-
-def config_to_json(config: Any) -> dict:
-  """A JSON-able view of a (nested) frozen dataclass config."""
-  def convert(x):
-    if dataclasses.is_dataclass(x):
-      return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-      return [convert(v) for v in x]
-    if isinstance(x, dict):
-      return {str(k): convert(v) for k, v in x.items()}
-    return x
-  return convert(config)
 
 
 class CheckpointError(RuntimeError):

@@ -117,6 +117,20 @@ def assert_same_metrics(rows_a, rows_b, what, steps):
                                  err_msg=f"{what}: step {s} metric {k}")
 
 
+def assert_same_exports(wd_a, wd_b, names):
+  """The export tables `names` of two workdirs hold the same rows (floats to tolerance)."""
+  import pyarrow.parquet as pq
+  for name in names:
+    ta = pq.read_table(wd_a / "export" / name).to_pandas()
+    tb = pq.read_table(wd_b / "export" / name).to_pandas()
+    assert ta.shape == tb.shape, name
+    for col in tb.columns:
+      if tb[col].dtype.kind == "f":
+        np.testing.assert_allclose(ta[col], tb[col], rtol=1e-4, atol=1e-5, err_msg=col)
+      else:
+        assert ta[col].tolist() == tb[col].tolist(), f"{name}: column {col}"
+
+
 # ----------------------------------------------------------------------------------------------
 # The environment contract (fast)
 # ----------------------------------------------------------------------------------------------
@@ -195,23 +209,14 @@ def test_two_processes_match_one_process(runs):
 
 @pytest.mark.slow
 def test_only_process_zero_writes_logs_and_exports(runs):
-  import pyarrow.parquet as pq
   wd22, wd14 = runs["2x2"], runs["1x4"]
   # tensorboardX names its event file after the writing process: two writers, two files.
   assert len(list((wd22 / "tensorboard").glob("events.out.tfevents.*"))) == 1
   assert (wd22 / "reward_curve.png").stat().st_size > 1000
   assert (wd22 / "config.json").exists()
   assert not list(wd22.glob("**/*.tmp*")), "a half-written file was left behind"
-  for name in ("step_000002.parquet", "step_000004_tokens.parquet"):
-    # The export gathers every host's rows: the same table as the one-process run.
-    t22 = pq.read_table(wd22 / "export" / name).to_pandas()
-    t14 = pq.read_table(wd14 / "export" / name).to_pandas()
-    assert t22.shape == t14.shape, name
-    for col in t14.columns:
-      if t14[col].dtype.kind == "f":
-        np.testing.assert_allclose(t22[col], t14[col], rtol=1e-4, atol=1e-5, err_msg=col)
-      else:
-        assert t22[col].tolist() == t14[col].tolist(), f"{name}: column {col}"
+  # The export gathers every host's rows: the same table as the one-process run.
+  assert_same_exports(wd22, wd14, ("step_000002.parquet", "step_000004_tokens.parquet"))
   # Both processes took part in every checkpoint (Orbax commits only when all have written).
   assert sorted(os.listdir(wd22 / "checkpoints")) == ["2", "4"]
 
@@ -272,16 +277,8 @@ def test_search_two_processes_match_one_process(tmp_path):
     assert key in rows22[-1], key
   assert rows22[-1]["search/searches_per_rollout"] + rows22[-1]["search/valid_action_rate"] > 0
   import pyarrow.parquet as pq
-  for name in ("step_000002.parquet", "step_000002_tokens.parquet"):
-    # Texts, retrieved text and masks of every process's rows, in batch order.
-    t22 = pq.read_table(wd22 / "export" / name).to_pandas()
-    t14 = pq.read_table(wd14 / "export" / name).to_pandas()
-    assert t22.shape == t14.shape, name
-    for col in t14.columns:
-      if t14[col].dtype.kind == "f":
-        np.testing.assert_allclose(t22[col], t14[col], rtol=1e-4, atol=1e-5, err_msg=col)
-      else:
-        assert t22[col].tolist() == t14[col].tolist(), f"{name}: column {col}"
+  # Texts, retrieved text and masks of every process's rows, in batch order.
+  assert_same_exports(wd22, wd14, ("step_000002.parquet", "step_000002_tokens.parquet"))
   assert "retrieved" in pq.read_table(wd22 / "export" / "step_000002.parquet").column_names
 
 
