@@ -17,7 +17,6 @@ non-finite value is never saved, so the last good checkpoint is never rotated aw
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,25 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from grpo_jax.config import ConfigError
+from grpo_jax.config import ConfigError, config_to_json
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
-
-
-def config_to_json(config: Any) -> dict:
-  """A JSON-able view of a (nested) frozen dataclass config."""
-  def convert(x):
-    if dataclasses.is_dataclass(x):
-      return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-      return [convert(v) for v in x]
-    if isinstance(x, dict):
-      return {str(k): convert(v) for k, v in x.items()}
-    return x
-  return convert(config)
 
 
 class CheckpointError(RuntimeError):
@@ -112,6 +98,30 @@ def warn(msg: str) -> None:
   """A warning the user must see, one line on stderr (process 0), whatever the log verbosity."""
   if jax.process_index() == 0:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+_LOAD_DAMAGED, _LOAD_FAILED = 1, 2
+# What a damaged checkpoint raises: our digest/finite checks, missing files or metadata, bad JSON,
+# and Orbax/TensorStore read errors on truncated or missing data (a ValueError carrying the
+# TensorStore status, a pytree mismatch when _METADATA is gone, a bare Exception on a short read).
+_DAMAGE_TYPES = (CheckpointError, FileNotFoundError, KeyError, json.JSONDecodeError)
+_DAMAGE_VALUE_ERRORS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "pytree structure error")
+
+
+def _is_damage(e: BaseException) -> bool:
+  if isinstance(e, _DAMAGE_TYPES):
+    return True
+  if isinstance(e, ValueError):
+    return str(e).startswith(_DAMAGE_VALUE_ERRORS)
+  return type(e) is Exception and "error while reading" in str(e)
+
+
+def _agree(code: int) -> int:
+  """The largest of every process's load outcome (0 ok, damaged, failed)."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
 
 
 def _one_line(e: BaseException) -> str:
@@ -197,22 +207,35 @@ class Checkpointer:
     """Restores the newest usable checkpoint: (step, state), or None when there is none.
 
     `set_data_state(data_state)` hands the iterator state to the data pipeline (it may refuse it).
-    A checkpoint that fails to load or to verify is moved to `<directory>.corrupt/` with a
-    warning naming it, and the previous one is tried.
+    A damaged checkpoint (one that fails to verify, or whose files are missing, truncated or
+    unreadable on any process) is moved to `<directory>.corrupt/` with a warning naming it, and
+    the previous one is tried; all processes agree on each step.
 
     Raises:
       ConfigError: the checkpoints belong to another model (nothing is moved).
-      CheckpointError: there are checkpoints but none is usable (nothing is moved).
+      CheckpointError: there are checkpoints but none is usable (nothing is moved), or one failed
+        to load for a reason other than damage, e.g. out of memory (it is not moved).
     """
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):
+      error = None
       try:
         state, data_state = self.restore(step, abstract_state, config)
         set_data_state(data_state)
       except ConfigError:
         raise
-      except Exception as e:  # noqa: BLE001 -- any failure to load means "do not use this one".
-        damaged.append((step, _one_line(e)))
+      except Exception as e:  # noqa: BLE001 -- sorted below: damage, or a failure to report.
+        error = e
+      # Every process resumes from the same step: the worst outcome of all of them counts.
+      code = _agree(0 if error is None else _LOAD_DAMAGED if _is_damage(error) else _LOAD_FAILED)
+      if code == _LOAD_FAILED:
+        where = os.path.join(self.directory, str(step))
+        why = _one_line(error) if error is not None else "another process failed to load it"
+        raise CheckpointError(f"checkpoints: could not load {where} ({why}); it is not damaged "
+                              f"and was left in place")
+      if code == _LOAD_DAMAGED:
+        why = _one_line(error) if error is not None else "another process found it damaged"
+        damaged.append((step, why))
         continue
       for bad_step, reason in damaged:
         where = os.path.join(self.directory, str(bad_step))

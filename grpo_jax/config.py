@@ -158,19 +158,22 @@ class RunConfig:
     return self.train.microbatch_size or self.minibatch
 
 
+def config_to_json(config: Any) -> Any:
+  """A JSON-able view of a (nested) frozen dataclass config: dicts, lists and scalars."""
+  if dataclasses.is_dataclass(config):
+    return {f.name: config_to_json(getattr(config, f.name)) for f in dataclasses.fields(config)}
+  if isinstance(config, (list, tuple)):
+    return [config_to_json(v) for v in config]
+  if isinstance(config, dict):
+    return {str(k): config_to_json(v) for k, v in config.items()}
+  return config
+
+
 def user_config(run: RunConfig) -> dict:
   """`run` laid out as a config file writes it (the loss fields flat in `rl`, no `rl.loss`), every
   value resolved: `resolve(ml_collections.ConfigDict(user_config(run)))` gives `run` back, so the
   `config.json` of a workdir can be fed back."""
-  def plain(x):
-    if dataclasses.is_dataclass(x):
-      return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-      return [plain(v) for v in x]
-    if isinstance(x, dict):
-      return {str(k): plain(v) for k, v in x.items()}
-    return x
-  out = {f.name: plain(getattr(run, f.name)) for f in dataclasses.fields(run)}
+  out = config_to_json(run)
   rl = dict(out["rl"])
   loss = rl.pop("loss")
   if loss.get("dual_clip") is None:

