@@ -141,12 +141,13 @@ def test_sampler_logprobs_equal_training_logprobs(real):
   Sampled at temperature 0.8 (the training forward divides its LM head by the same temperature),
   two responses per prompt, on prompts padded to a fixed length as the data pipeline pads them.
 
-  Tolerance 1e-4, not 1e-5: the two are different float32 computations of the same numbers (one
+  Tolerance 2e-4, not 1e-5: the two are different float32 computations of the same numbers (one
   cached token at a time vs one forward over prompt + response; matmuls of different shapes sum in
   different orders), and through 30 layers that leaves up to ~3e-5 at T = 1 (about 1e-6 of the
   logits' size); at T = 0.8 it was 6.1e-5, because the training forward divides the [E, V] head by
   T while the sampler divides the logits (dividing the logits in both makes the first response
-  token's log-prob bit-identical and the maximum 3.8e-5). A ratio off by 1e-4 is far inside any
+  token's log-prob bit-identical and the maximum 3.8e-5). Since the decode step runs on its own
+  per-layer layout (`decode_hidden`, different einsum shapes again) CI measured 1.3e-4 here. A ratio off by 1e-4 is far inside any
   clip range; a misaligned token or a wrong temperature is off by ~1.
   """
   tok, G, T = real["tok"], 2, 0.8
@@ -164,7 +165,7 @@ def test_sampler_logprobs_equal_training_logprobs(real):
   diff = np.abs(np.asarray(train) - np.asarray(out.logprobs))[valid]
   print(f"SmolLM2 sampler vs training log-probs: max |diff| {diff.max():.2e} over {valid.sum()} "
         f"tokens (mean log-prob {np.asarray(out.logprobs)[valid].mean():.2f})")
-  assert valid.sum() >= 3 * 16 and diff.max() <= 1e-4
+  assert valid.sum() >= 3 * 16 and diff.max() <= 2e-4
 
 
 # ------------------------------------------------------------------ the GGUF converter's CLI
