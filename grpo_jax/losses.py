@@ -76,14 +76,8 @@ def _logsumexp_f32_jvp(primals, tangents):
   return lse, jnp.sum(p * dx.astype(jnp.float32), axis=-1)
 
 
-@jax.custom_jvp
-def _entropy_f32(x_BxTxV: Array) -> Array:
-  """Entropy in ONE pass: online (max m, sum e^(x-m), sum e^(x-m) x); H = m + log s - t / s.
-
-  One reduction for the same reason as `_logsumexp_f32` (a separate logsumexp and sum shared a
-  materialised float32 copy of bf16 logits).
-  """
-  x = x_BxTxV.astype(jnp.float32)
+def _online_moments_f32(x: Array) -> tuple[Array, Array, Array]:
+  """One online reduction over the last axis: max m, s = sum e^(x-m), t = sum e^(x-m) x."""
 
   def combine(a, b):
     (m1, s1, t1), (m2, s2, t2) = a, b
@@ -95,6 +89,18 @@ def _entropy_f32(x_BxTxV: Array) -> Array:
   m, s, t = jax.lax.reduce((x, jnp.ones_like(x), x), (jnp.float32(-jnp.inf), jnp.float32(0.0),
                                                       jnp.float32(0.0)),
                            combine, (x.ndim - 1,))
+  return m, s, t
+
+
+@jax.custom_jvp
+def _entropy_f32(x_BxTxV: Array) -> Array:
+  """Entropy in ONE pass: online (max m, sum e^(x-m), sum e^(x-m) x); H = m + log s - t / s.
+
+  One reduction for the same reason as `_logsumexp_f32` (a separate logsumexp and sum shared a
+  materialised float32 copy of bf16 logits).
+  """
+  x = x_BxTxV.astype(jnp.float32)
+  m, s, t = _online_moments_f32(x)
   # H = lse - E_p[x] with lse = m + log s and E_p[x] = t / s.
   return m + jnp.log(s) - t / s
 
@@ -141,17 +147,7 @@ def _lse_and_entropy_f32(x_BxTxV: Array) -> tuple[Array, Array]:
   `_entropy_f32`): the update needs both from the same logits chunk, and a second pass would read
   the chunk again."""
   x = x_BxTxV.astype(jnp.float32)
-
-  def combine(a, b):
-    (m1, s1, t1), (m2, s2, t2) = a, b
-    m = jnp.maximum(m1, m2)
-    e1 = jnp.where(m1 == m, 1.0, jnp.exp(m1 - m))
-    e2 = jnp.where(m2 == m, 1.0, jnp.exp(m2 - m))
-    return m, s1 * e1 + s2 * e2, t1 * e1 + t2 * e2
-
-  m, s, t = jax.lax.reduce((x, jnp.ones_like(x), x), (jnp.float32(-jnp.inf), jnp.float32(0.0),
-                                                      jnp.float32(0.0)),
-                           combine, (x.ndim - 1,))
+  m, s, t = _online_moments_f32(x)
   lse = m + jnp.log(s)
   return lse, lse - t / s
 
