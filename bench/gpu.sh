@@ -6,10 +6,15 @@
 #     H200 dense bf16);
 #   * decode tokens/s of `sampling.generate` at G = 8 and 16 (SmolLM2 shape, bf16, no stop token:
 #     every row decodes R tokens; prefill included);
+#   * the trainer's own update (`update.train_step`: clipped surrogate, chunked LM head on response
+#     positions, AdamW) on the SmolLM2 shape in bfloat16 at P = 256, G = 8, R = 128, plain vs
+#     shared prefix: seconds per update, speed-up, and MFU counted on the IDEAL FLOPs (prompt once
+#     per group, no padding: bench/update_flops.py) -- the useful work rate;
 #   * the advantage kernel (group_size=G, the trainer's contiguous ids) vs a copy of the same bytes
 #     at N = 1e6 and 1e7;
 #   * peak device memory (jax memory_stats) after everything.
-# No model files, no downloads: shapes are built from their HF config fields.
+# No model files, no downloads: shapes are built from their HF config fields. Each figure is its own
+# section: one that fails prints {"what": ..., "error": ...} and the script goes on.
 #
 #   bash bench/gpu.sh            # on the GPU machine, from the repository root
 #   bash bench/gpu.sh --tiny     # tiny shapes: checks the script end to end on CPU in ~1 minute
@@ -21,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
-exec python - "$@" <<'EOF'
+exec "${PYTHON:-python3}" - "$@" <<'EOF'
 import json
 import os
 import statistics
@@ -56,6 +61,14 @@ def timed(fn, reps):
     fn()
     ts.append(time.perf_counter() - t)
   return statistics.median(ts)
+
+
+def section(fn, *args):
+  """Runs one figure; a failure is printed as one JSON line and the script goes on."""
+  try:
+    fn(*args)
+  except Exception as e:  # noqa: BLE001 -- one prepared run: report, do not lose the others.
+    emit(what=fn.__name__, args=repr(args)[:200], error=f"{type(e).__name__}: {e}"[:2000])
 
 
 SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -119,11 +132,55 @@ def update_mfu(name, hf, rows, seq):
 
 
 if TINY:
-  update_mfu("smollm2-135m-shape", SMOLLM2, 4, 32)
-  update_mfu("qwen2.5-0.5b-shape", QWEN05, 4, 32)
+  section(update_mfu, "smollm2-135m-shape", SMOLLM2, 4, 32)
+  section(update_mfu, "qwen2.5-0.5b-shape", QWEN05, 4, 32)
 else:
-  update_mfu("smollm2-135m-shape", SMOLLM2, 64, 512)
-  update_mfu("qwen2.5-0.5b-shape", QWEN05, 32, 512)
+  section(update_mfu, "smollm2-135m-shape", SMOLLM2, 64, 512)
+  section(update_mfu, "qwen2.5-0.5b-shape", QWEN05, 32, 512)
+
+
+# ------------------------------------------------------------------------------- trainer update
+def trainer_update(name, hf, B, P, G, R):
+  """`update.train_step` (the trainer's update) plain vs shared prefix, one micro-batch."""
+  import functools
+  sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+  import update_flops
+  from grpo_jax import update
+  from grpo_jax.config import OptimConfig, RLConfig
+  model = model_of(hf)
+  graphdef, params = nnx.split(model)
+  tx = update.make_optimizer(OptimConfig(learning_rate=1e-6, warmup_steps=0), 100)
+  rng = np.random.RandomState(0)
+  n = B * G
+  prompt = rng.randint(3, hf["vocab_size"], (B, P))
+  batch = {
+      "tokens": jnp.asarray(np.concatenate([np.repeat(prompt, G, 0),
+                                            rng.randint(3, hf["vocab_size"], (n, R))], 1),
+                            jnp.int32),
+      "attn_mask": jnp.ones((n, P + R), jnp.int32),
+      "loss_mask": jnp.ones((n, R), jnp.float32), "kl_mask": jnp.ones((n, R), jnp.float32),
+      "advantages": jnp.asarray(rng.normal(size=n), jnp.float32),
+  }
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  ideal = update_flops.ideal_flops(model.config, B, P, G, R)
+  times = {}
+  for path, g in (("plain", None), ("shared", G)):
+    step = jax.jit(functools.partial(update.train_step, graphdef=graphdef, tx=tx, rl=RLConfig(),
+                                     response_len=R, num_micro=1, temperature=1.0, group_size=g))
+    times[path] = timed(lambda: jax.block_until_ready(step(state, batch)), 3 if TINY else 5)
+    emit(what="trainer_update", model=name, dtype="bfloat16", path=path, prompts=B, group_size=G,
+         prompt_len=P, new_tokens=R, step_s=round(times[path], 4), ideal_flops=ideal,
+         useful_mfu=round(ideal / times[path] / PEAK, 4),
+         tokens_per_s=round(n * (P + R) / times[path]))
+  emit(what="trainer_update_speedup", model=name, shared_over_plain=round(
+      times["plain"] / times["shared"], 3))
+
+
+if TINY:
+  section(trainer_update, "smollm2-135m-shape", SMOLLM2, 2, 16, 4, 8)
+else:
+  section(trainer_update, "smollm2-135m-shape", SMOLLM2, 16, 256, 8, 128)
 
 
 # ------------------------------------------------------------------------------- decode tokens/s
@@ -154,22 +211,25 @@ def decode_rate(name, hf, B, P, R, G):
 
 for G in (8, 16):
   if TINY:
-    decode_rate("smollm2-135m-shape", SMOLLM2, 2, 16, 16, G)
+    section(decode_rate, "smollm2-135m-shape", SMOLLM2, 2, 16, 16, G)
   else:
-    decode_rate("smollm2-135m-shape", SMOLLM2, 32, 128, 128, G)
+    section(decode_rate, "smollm2-135m-shape", SMOLLM2, 32, 128, 128, G)
 
 
 # ------------------------------------------------------------------------------- advantages
 adv = jax.jit(adv_lib.compute_advantages, static_argnames=("num_groups", "estimator", "group_size"))
 copy = jax.jit(lambda x: x * 1.0)
-for n in ((10**4, 10**5) if TINY else (10**6, 10**7)):
-  G = 16
+def advantages(n, G=16):
   r = jax.device_put(np.random.default_rng(2).random(n).astype(np.float32))
   ids = jax.device_put(np.repeat(np.arange(n // G, dtype=np.int32), G))
   t_adv = timed(lambda: adv(r, ids, num_groups=n // G, group_size=G).block_until_ready(), 20)
   t_copy = timed(lambda: copy(r).block_until_ready(), 20)
   emit(what="advantages", n=n, group_size=G, kernel_ms=round(t_adv * 1e3, 4),
        copy_ms=round(t_copy * 1e3, 4), ratio=round(t_adv / t_copy, 2))
+
+
+for n in ((10**4, 10**5) if TINY else (10**6, 10**7)):
+  section(advantages, n)
 
 
 # ------------------------------------------------------------------------------- memory
