@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check of issue 18 (< 8 minutes on one H200), printed as one JSON line per figure:
 #   * update MFU of the SmolLM2-135M and Qwen2.5-0.5B shapes in bfloat16 (random weights): one
-#     jitted policy-gradient step (token log-probs forward + backward + AdamW), FLOPs from XLA's
-#     cost analysis of that compiled step, MFU = FLOPs / time / peak (PEAK_TFLOPS, default 989 =
-#     H200 dense bf16);
+#     jitted policy-gradient step (token log-probs forward + backward + AdamW) on 16 x 512 tokens,
+#     FLOPs counted from the shapes (XLA's cost analysis counts the layer scan once), MFU =
+#     FLOPs / time / peak (PEAK_TFLOPS, default 989 = H200 dense bf16);
 #   * decode tokens/s of `sampling.generate` at G = 8 and 16 (SmolLM2 shape, bf16, no stop token:
 #     every row decodes R tokens; prefill included);
 #   * the trainer's own update (`update.train_step`: clipped surrogate, chunked LM head on response
@@ -18,6 +18,7 @@
 #
 #   bash bench/gpu.sh            # on the GPU machine, from the repository root
 #   bash bench/gpu.sh --tiny     # tiny shapes: checks the script end to end on CPU in ~1 minute
+#   SECTIONS=trainer_update,decode_rate bash bench/gpu.sh   # only these figures
 #
 # Set-up on a fresh GPU machine (operator; this script installs nothing):
 #   pip install -e .
@@ -26,6 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 exec "${PYTHON:-python3}" - "$@" <<'EOF'
 import json
 import os
@@ -65,6 +67,8 @@ def timed(fn, reps):
 
 def section(fn, *args):
   """Runs one figure; a failure is printed as one JSON line and the script goes on."""
+  if os.environ.get("SECTIONS") and fn.__name__ not in os.environ["SECTIONS"].split(","):
+    return
   try:
     fn(*args)
   except Exception as e:  # noqa: BLE001 -- one prepared run: report, do not lose the others.
@@ -88,12 +92,18 @@ emit(what="device", platform=dev.platform, kind=dev.device_kind, jax=jax.__versi
      tiny=TINY)
 
 
-def model_of(hf, seed=0):
-  cfg = config_from_hf(dict(hf), dtype="bfloat16", param_dtype="float32")
+def model_of(hf, seed=0, remat=False):
+  cfg = config_from_hf(dict(hf), dtype="bfloat16", param_dtype="float32", remat=remat)
   return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
 # ------------------------------------------------------------------------------- update MFU
+def _update_flops():
+  sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+  import update_flops
+  return update_flops
+
+
 def update_mfu(name, hf, rows, seq):
   model = model_of(hf)
   graphdef, params = nnx.split(model)
@@ -116,9 +126,10 @@ def update_mfu(name, hf, rows, seq):
     return optax.apply_updates(p, u), o, l
 
   compiled = step.lower(params, opt).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
+  # FLOPs counted from the shapes (bench/update_flops.py's formula with no prompt: every position
+  # a "response" with the LM head; forward + backward = 3x forward). XLA's cost analysis counts
+  # the layer scan's body once, so its figure is ~1/L of the work.
+  flops = _update_flops().ideal_flops(model.config, rows, 0, 1, seq)
   state = {"p": params, "o": opt}
 
   def run():
@@ -127,7 +138,7 @@ def update_mfu(name, hf, rows, seq):
   t = timed(run, 3 if TINY else 5)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   emit(what="update_mfu", model=name, dtype="bfloat16", rows=rows, seq=seq, params=n_params,
-       step_s=round(t, 4), xla_flops=flops, tflops_per_s=round(flops / t / 1e12, 2),
+       step_s=round(t, 4), flops=flops, tflops_per_s=round(flops / t / 1e12, 2),
        mfu=round(flops / t / PEAK, 4), tokens_per_s=round(rows * seq / t))
 
 
@@ -135,19 +146,20 @@ if TINY:
   section(update_mfu, "smollm2-135m-shape", SMOLLM2, 4, 32)
   section(update_mfu, "qwen2.5-0.5b-shape", QWEN05, 4, 32)
 else:
-  section(update_mfu, "smollm2-135m-shape", SMOLLM2, 64, 512)
-  section(update_mfu, "qwen2.5-0.5b-shape", QWEN05, 32, 512)
+  # 8-16 k tokens per step: the whole-vocabulary float32 logits of `token_logprobs` and the
+  # activations of 64 x 512 tokens asked 93 GB on the H200 (out of memory, 2026-11-29).
+  section(update_mfu, "smollm2-135m-shape", SMOLLM2, 16, 512)
+  section(update_mfu, "qwen2.5-0.5b-shape", QWEN05, 16, 512)
 
 
 # ------------------------------------------------------------------------------- trainer update
-def trainer_update(name, hf, B, P, G, R):
+def trainer_update(name, hf, B, P, G, R, remat=False):
   """`update.train_step` (the trainer's update) plain vs shared prefix, one micro-batch."""
   import functools
-  sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
-  import update_flops
+  update_flops = _update_flops()
   from grpo_jax import update
   from grpo_jax.config import OptimConfig, RLConfig
-  model = model_of(hf)
+  model = model_of(hf, remat=remat)
   graphdef, params = nnx.split(model)
   tx = update.make_optimizer(OptimConfig(learning_rate=1e-6, warmup_steps=0), 100)
   rng = np.random.RandomState(0)
@@ -169,18 +181,23 @@ def trainer_update(name, hf, B, P, G, R):
     step = jax.jit(functools.partial(update.train_step, graphdef=graphdef, tx=tx, rl=RLConfig(),
                                      response_len=R, num_micro=1, temperature=1.0, group_size=g))
     times[path] = timed(lambda: jax.block_until_ready(step(state, batch)), 3 if TINY else 5)
-    emit(what="trainer_update", model=name, dtype="bfloat16", path=path, prompts=B, group_size=G,
+    emit(what="trainer_update", model=name, dtype="bfloat16", path=path, remat=remat, prompts=B,
+         group_size=G,
          prompt_len=P, new_tokens=R, step_s=round(times[path], 4), ideal_flops=ideal,
          useful_mfu=round(ideal / times[path] / PEAK, 4),
          tokens_per_s=round(n * (P + R) / times[path]))
-  emit(what="trainer_update_speedup", model=name, shared_over_plain=round(
+  emit(what="trainer_update_speedup", model=name, prompts=B, remat=remat, shared_over_plain=round(
       times["plain"] / times["shared"], 3))
 
 
 if TINY:
   section(trainer_update, "smollm2-135m-shape", SMOLLM2, 2, 16, 4, 8)
+  section(trainer_update, "smollm2-135m-shape", SMOLLM2, 2, 16, 4, 8, True)
 else:
-  section(trainer_update, "smollm2-135m-shape", SMOLLM2, 16, 256, 8, 128)
+  section(trainer_update, "smollm2-135m-shape", SMOLLM2, 4, 256, 8, 128)  # 32 rows, 12 k tokens
+  # 128 rows, 49 k tokens: the activations of a 30-layer scan do not fit without remat (114 GB).
+  section(trainer_update, "smollm2-135m-shape", SMOLLM2, 16, 256, 8, 128, True)
+  section(trainer_update, "qwen2.5-0.5b-shape", QWEN05, 4, 256, 8, 128)
 
 
 # ------------------------------------------------------------------------------- decode tokens/s
