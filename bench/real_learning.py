@@ -9,7 +9,7 @@ Runs `configs/smollm2_addition.py` through the real CLI, each run in its own pro
 It prints a markdown table (step, mean training reward, held-out greedy accuracy and pass@4) and
 writes a PNG of the curves, the base evaluation drawn at step 0.
 
-  python bench/real_learning.py [--steps 30] [--variant ""|lora] [--png bench/results/x.png]
+  python bench/real_learning.py [--steps 20] [--variant ""|lora] [--png bench/results/x.png]
       [--workdir /tmp/real_learning] [--skip-base]
 
 Extra `--config.*` overrides after `--` go to both runs.
@@ -72,8 +72,8 @@ def peft_parity(base_dir, peft_dir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--eval-every", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--variant", default="", help="config variant, e.g. 'lora'")
   parser.add_argument("--workdir", default="/tmp/real_learning")
   parser.add_argument("--png", default=os.path.join(ROOT, "bench", "results",

