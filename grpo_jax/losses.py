@@ -183,9 +183,13 @@ def auto_chunk_size(rows: int, length: int, vocab_size: int, max_bytes: int | No
   return -(-length // num_chunks)
 
 
-def _head_chunk(hidden_BxCxE, targets_BxC, w_ExV, with_entropy: bool):
+def _head_chunk(hidden_BxCxE, targets_BxC, w_ExV, with_entropy: bool, temperature: float = 1.0):
   logits_BxCxV = jnp.einsum("bce,ev->bcv", hidden_BxCxE, w_ExV,
                             preferred_element_type=jnp.float32)
+  if temperature != 1.0:
+    # The float32 logits divided by T, exactly as the sampler divides them before its draw
+    # (`sampling.sample_tokens_uniform`): dividing the head's weight instead rounds differently.
+    logits_BxCxV = logits_BxCxV / jnp.float32(temperature)
   tgt_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[:, :, None], axis=-1)[:, :, 0]
   if with_entropy:
     lse_BxC, ent_BxC = _lse_and_entropy_f32(logits_BxCxV)
@@ -194,9 +198,9 @@ def _head_chunk(hidden_BxCxE, targets_BxC, w_ExV, with_entropy: bool):
 
 
 def head_logprobs(hidden_BxTxE: Array, w_ExV: Array, targets_BxT: Array, *,
-                  chunk_size: int | None = None, with_entropy: bool = False
-                  ) -> tuple[Array, Array | None]:
-  """log softmax(hidden[t] @ W)[targets[t]] (and the entropy), float32 [B, T], LM head chunked.
+                  chunk_size: int | None = None, with_entropy: bool = False,
+                  temperature: float = 1.0) -> tuple[Array, Array | None]:
+  """log softmax(hidden[t] @ W / T)[targets[t]] (and the entropy), float32 [B, T], LM head chunked.
 
   The [B, T, V] logits are never built: `lax.map` walks chunks of `chunk_size` positions (None:
   `auto_chunk_size`), each under `jax.checkpoint`, so the forward holds one [B, C, V] chunk and
@@ -218,7 +222,7 @@ def head_logprobs(hidden_BxTxE: Array, w_ExV: Array, targets_BxT: Array, *,
   h_BxNxE = jnp.pad(hidden_BxTxE, ((0, 0), (0, pad), (0, 0)))
   tgt_BxN = jnp.pad(jnp.asarray(targets_BxT).astype(jnp.int32), ((0, 0), (0, pad)))
   w_ExV = w_ExV.astype(hidden_BxTxE.dtype)
-  fn = jax.checkpoint(lambda h, t: _head_chunk(h, t, w_ExV, with_entropy))
+  fn = jax.checkpoint(lambda h, t: _head_chunk(h, t, w_ExV, with_entropy, temperature))
   if num_chunks == 1:
     logp_BxN, ent_BxN = fn(h_BxNxE, tgt_BxN)
   else:

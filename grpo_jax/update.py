@@ -93,8 +93,8 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array
   is padding (attn_mask 0). Only the R positions that predict response tokens go through the LM
   head (the prompt's logits are never computed), in chunks of `lm_head_chunk` positions (0:
   `losses.auto_chunk_size`, under 256 MB of float32 logits per chunk), log-prob and entropy from
-  one pass over each chunk. Dividing the [E, V] head by the temperature divides the logits by it,
-  matching the distribution the sampler drew from. `use_lora=False` is the reference policy of a
+  one pass over each chunk. The float32 logits are divided by the temperature as the sampler
+  divides them, so these are the log-probs of the distribution it drew from. `use_lora=False` is the reference policy of a
   LoRA run: the same base weights with the adapters switched off (no second copy).
   """
   model = merge(graphdef, params, frozen)
@@ -124,11 +124,9 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array
 
 def _head(model, pred_hidden_NxRxE, targets_NxR, mask_NxR, with_entropy, temperature,
           lm_head_chunk):
-  w_ExV = model.lm_head_weight()
-  if temperature != 1.0:
-    w_ExV = w_ExV / jnp.asarray(temperature, w_ExV.dtype)
-  logp, ent = losses.head_logprobs(pred_hidden_NxRxE, w_ExV, targets_NxR,
-                                   chunk_size=lm_head_chunk or None, with_entropy=with_entropy)
+  logp, ent = losses.head_logprobs(pred_hidden_NxRxE, model.lm_head_weight(), targets_NxR,
+                                   chunk_size=lm_head_chunk or None, with_entropy=with_entropy,
+                                   temperature=temperature)
   keep = mask_NxR.astype(jnp.bool_)
   logp = jnp.where(keep, logp, 0.0)
   return (logp, jnp.where(keep, ent, 0.0)) if with_entropy else logp

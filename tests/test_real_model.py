@@ -138,17 +138,19 @@ def test_greedy_decoding_matches_transformers_generate(real):
 def test_sampler_logprobs_equal_training_logprobs(real):
   """What the rollout records as log p(token) is what the update recomputes (ratio = 1 at step 0).
 
-  Sampled at temperature 0.8 (the training forward divides its LM head by the same temperature),
-  two responses per prompt, on prompts padded to a fixed length as the data pipeline pads them.
+  Sampled at temperature 0.8 (both divide the float32 logits by it), two responses per prompt, on
+  prompts padded to a fixed length as the data pipeline pads them.
 
-  Tolerance 2e-4, not 1e-5: the two are different float32 computations of the same numbers (one
-  cached token at a time vs one forward over prompt + response; matmuls of different shapes sum in
-  different orders), and through 30 layers that leaves up to ~3e-5 at T = 1 (about 1e-6 of the
-  logits' size); at T = 0.8 it was 6.1e-5, because the training forward divides the [E, V] head by
-  T while the sampler divides the logits (dividing the logits in both makes the first response
-  token's log-prob bit-identical and the maximum 3.8e-5). Since the decode step runs on its own
-  per-layer layout (`decode_hidden`, different einsum shapes again) CI measured 1.3e-4 here. A ratio off by 1e-4 is far inside any
-  clip range; a misaligned token or a wrong temperature is off by ~1.
+  Tolerance 2e-4, not the 1e-5 issue 15 asked for, because 1e-5 is below float32's own error on
+  this 30-layer model. Measured 2026-11-29 against a float64 forward of the same weights (199
+  tokens, T = 0.8): the training forward is within 3.8e-5 of float64, the sampler within 1.6e-4
+  (6.5e-5 at the first response token, which only the prefill computes; 0.6-1.6e-4 at later
+  tokens, each a one-token step whose matrix-vector products sum in another order than the
+  training forward's matrix products). Two float32 computations that far from the truth cannot
+  agree to 1e-5 unless they run the same kernels in the same shapes; they agree to 1.2-1.5e-4. (The
+  training forward used to divide the [E, V] head by T instead of the logits: that added ~3e-5 at
+  T != 1 and is gone.) A ratio off by 1e-4 is far inside any clip range; a misaligned token or a
+  wrong temperature is off by ~1.
   """
   tok, G, T = real["tok"], 2, 0.8
   ids, mask = _padded(real, length=64)
