@@ -24,6 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # grpo_jax from this checkout (peft_parity imports it in this process).
 
 
 def cli(workdir, config_arg, overrides, log):
