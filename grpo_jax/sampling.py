@@ -371,9 +371,11 @@ def _constrain_state(st: _DecodeState, mesh: Mesh | None) -> _DecodeState:
                     logprobs=_batch(st.logprobs, mesh), truncated=_batch(st.truncated, mesh))
 
 
-def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, *, max_new_tokens,
-                  temperature, top_k, top_p, stop_token_ids, pad_token_id, mesh) -> _DecodeState:
-  """Decodes steps t in [st.t, min(t_end, R)) until every working row is done. See the docstring.
+def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, exit_live=0, *,
+                  max_new_tokens, temperature, top_k, top_p, stop_token_ids, pad_token_id,
+                  mesh) -> _DecodeState:
+  """Decodes steps t in [st.t, min(t_end, R)) while more than `exit_live` working rows are live
+  (0: until every working row is done). See the module docstring.
 
   Every live row's token (the stop token too: it is context for a later turn) is fed at cache slot
   idx0 + t; rows that are done ride along at mask 0 and write invalid slots no query reads. The
@@ -383,9 +385,12 @@ def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, *, max_n
   N, R = st.tokens.shape
   stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
   t_stop = jnp.minimum(jnp.asarray(t_end, jnp.int32), R)
+  exit_live = jnp.asarray(exit_live, jnp.int32)
 
   def cond(st):
-    return (st.t < t_stop) & ~jnp.all(st.done)
+    # Live rows only ever decrease: the loop also ends the step after they fall to `exit_live`,
+    # when the host can move to a smaller working batch.
+    return (st.t < t_stop) & (jnp.sum(~st.done, dtype=jnp.int32) > exit_live)
 
   def body(st):
     t = st.t
@@ -504,23 +509,43 @@ def _decode_jit(graphdef, params, cache, logits_NxV, cache_index, rng, budget_N,
                  budget_N=budget_N, **static)
 
 
-# Steps per device call of `generate`; between calls the host drops finished rows and grows the
-# cache. Small enough that a finished row idles at most C - 1 steps, large enough that the
-# host round trip (one [M] bool read) is noise next to C steps of the model.
+# The most steps per device call of `generate`. A call also ends when the live rows fall into a
+# smaller row bucket (the loop condition counts them) or the held cache slots are used up, so
+# finished rows leave at the step they cross a bucket, whatever this is; it only bounds how long
+# the device runs without the host (and sets the first call's slots). The lead's GPU script sets it.
 _CHUNK = 8
+
+# Benchmarks and tests: a list here gets one (first step, step reached, working rows, decode
+# slots) per device call of `generate`.
+_SCHEDULE: list | None = None
 
 
 def row_bucket(num_active: int, num_rows: int, multiple: int = 1) -> int:
-  """Working rows for `num_active` live rows: `bucket_length` sizes (minimum 4, at most 1/3
-  padding) rounded up to the mesh's batch multiple, at most `num_rows`."""
-  b = bucket_length(max(num_active, 1), minimum=4)
+  """Working rows for `num_active` live rows: four sizes per octave (2^k x 1, 1.25, 1.5, 1.75;
+  minimum 4, under 1/4 padding) rounded up to the mesh's batch multiple, at most `num_rows`.
+
+  Four per octave rather than `bucket_length`'s two: rows that finished wait in the batch until
+  the live count reaches the next size down, so the padding is what a step pays for nothing
+  (bench/decode_lengths.py: rows x steps 1.20 -> 1.09 x the tokens generated), for at most
+  twice the decode programs (each row bucket the live count visits compiles once).
+  """
+  n = max(int(num_active), 4)
+  step = 1 << max((n - 1).bit_length() - 3, 0)
+  b = -(-n // step) * step
   return min(-(-b // multiple) * multiple, num_rows)
 
 
+def _exit_live(rows: int, num_rows: int, multiple: int) -> int:
+  """The most live rows at which a batch of `rows` would move to a smaller bucket (0: none)."""
+  live = rows - 1
+  while live > 0 and row_bucket(live, num_rows, multiple) >= rows:
+    live -= 1
+  return live
+
+
 def _slot_bucket(steps: int, max_new_tokens: int) -> int:
-  """Decode slots held for the first `steps` steps: a power of two >= steps, at most R (+ chunk)."""
-  cap = -(-max_new_tokens // _CHUNK) * _CHUNK
-  return min(1 << max(steps - 1, 0).bit_length(), cap)
+  """Decode slots held for the first `steps` steps: a power of two >= steps, at most R."""
+  return min(1 << max(steps - 1, 0).bit_length(), max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
@@ -541,10 +566,11 @@ def _start_jit(graphdef, params, ids_BxP, mask_BxP, *, group_size, max_new_token
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,),
                    static_argnames=_SAMPLING_STATIC)
-def _chunk_jit(config, lora, params_u, st, rng, t_end, **static):
-  st = _decode_steps(config, lora, params_u, st, rng, t_end, **static)
-  # A replicated copy of `done` for the host: every process can read it (multi-host meshes).
-  return st, _constrain(st.done, (None,), static["mesh"])
+def _chunk_jit(config, lora, params_u, st, rng, t_end, exit_live, **static):
+  st = _decode_steps(config, lora, params_u, st, rng, t_end, exit_live, **static)
+  # Replicated copies of `done` and the step reached for the host: every process can read them
+  # (multi-host meshes).
+  return st, _constrain(st.done, (None,), static["mesh"]), st.t
 
 
 @functools.partial(jax.jit, static_argnames=("length", "mesh"))
@@ -655,26 +681,31 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
   N = np.shape(prompt_ids)[0] * group_size
   multiple = 1 if mesh is None else sharding_lib.batch_size_multiple(mesh,
                                                                      sharding_lib.ROLLOUT_RULES)
-  rows = N
-  for t0 in range(0, R, _CHUNK):
-    if t0 > 0:
-      # Finished rows leave the batch and the cache grows to what the next chunk reads: the
-      # only host round trip, one [M] bool read per chunk.
-      live_M = ~fetch(done_M)
-      if not live_M.any():
-        break
-      new_rows = row_bucket(int(live_M.sum()), N, multiple)
-      new_slots = _slot_bucket(t0 + _CHUNK, R)
-      if new_rows < rows or new_slots > slots:
-        sel = np.full((new_rows,), -1, np.int32)
-        if new_rows < rows:
-          live_idx = np.flatnonzero(live_M)
-          sel[:live_idx.size] = live_idx
-        else:
-          sel[:rows] = np.arange(rows)
-        st = _resize_jit(st, _place(sel, mesh), length=P + new_slots, mesh=mesh)
-        rows, slots = new_rows, new_slots
-    st, done_M = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t0 + _CHUNK), **static)
+  rows, t = N, 0
+  while True:
+    t_end = min(t + _CHUNK, slots)
+    st, done_M, t_dev = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t_end),
+                                   jnp.int32(_exit_live(rows, N, multiple)), **static)
+    # The only host round trip: which rows are done and the step reached (the loop may end early).
+    done_M, t_reached = fetch((done_M, t_dev))
+    if _SCHEDULE is not None:
+      _SCHEDULE.append((t, int(t_reached), rows, slots))
+    t = int(t_reached)
+    live_M = ~done_M
+    if t >= R or not live_M.any():
+      break
+    # Finished rows leave the batch and the cache doubles once its slots are used up.
+    new_rows = row_bucket(int(live_M.sum()), N, multiple)
+    new_slots = _slot_bucket(t + 1, R) if t >= slots else slots
+    if new_rows < rows or new_slots > slots:
+      sel = np.full((new_rows,), -1, np.int32)
+      if new_rows < rows:
+        live_idx = np.flatnonzero(live_M)
+        sel[:live_idx.size] = live_idx
+      else:
+        sel[:rows] = np.arange(rows)
+      st = _resize_jit(st, _place(sel, mesh), length=P + new_slots, mesh=mesh)
+      rows, slots = new_rows, new_slots
   return _output(st, None)
 
 
