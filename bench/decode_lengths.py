@@ -52,13 +52,14 @@ _CLOCK = time.process_time if os.environ.get("BENCH_CLOCK") == "cpu" else time.p
 
 
 def _median(fn, reps):
-  fn()
+  """(median time of `reps` calls after a warm-up call, the warm-up call's result)."""
+  first = fn()
   ts = []
   for _ in range(reps):
     t = _CLOCK()
     fn()
     ts.append(_CLOCK() - t)
-  return statistics.median(ts)
+  return statistics.median(ts), first
 
 
 def main():
@@ -116,11 +117,13 @@ def main():
          "row_buckets_compact": sorted({rows for *_, rows, _ in schedule}, reverse=True),
          "decode_programs_compiled": sampling._chunk_jit._cache_size() - compiles0}
   print(json.dumps(res), file=sys.stderr, flush=True)
-  t_compact = _median(lambda: gen(True, (eos,)).tokens.block_until_ready(), args.reps)
-  t_one = _median(lambda: gen(False, (eos,)).tokens.block_until_ready(), args.reps)
-  t_forced = _median(lambda: gen(True, ()).tokens.block_until_ready(), args.reps)
+  t_compact, _ = _median(lambda: gen(True, (eos,)).tokens.block_until_ready(), args.reps)
+  t_one, one_tokens = _median(lambda: gen(False, (eos,)).tokens.block_until_ready(), args.reps)
+  t_forced, _ = _median(lambda: gen(True, ()).tokens.block_until_ready(), args.reps)
   per_tok_forced = t_forced / (N * R)
-  res.update(compact_s=t_compact, one_program_s=t_one, forced_s=t_forced,
+  res.update(tokens_equal_one_program=bool(np.array_equal(np.asarray(one_tokens),
+                                                          np.asarray(out.tokens))),
+             compact_s=t_compact, one_program_s=t_one, forced_s=t_forced,
              compact_cost_per_token_vs_forced=t_compact / generated / per_tok_forced,
              one_program_cost_per_token_vs_forced=t_one / generated / per_tok_forced)
   print(json.dumps(res), file=sys.stderr, flush=True)

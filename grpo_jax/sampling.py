@@ -18,19 +18,24 @@ repeated G times along the batch (a a a b b b, the `grpo_jax.groups.expand_group
 
 Compilation: prompts are left-padded to `bucket_length(P)` (powers of two and 1.5x powers of two,
 at least 16) outside the jit, so the prefill compiles once per prompt-length bucket. The decode
-chunks compile once per (row bucket, slot bucket): at most ~log2(B*G) x log2(R) programs, reused
-by every later call.
+calls compile once per (row bucket, slot bucket) pair: row buckets are four sizes per octave
+(`row_bucket`), slots powers of two, and within one call rows only shrink while slots only grow, so
+one `generate` visits at most (row buckets + slot buckets - 1) pairs, about 4 log2(B*G) + log2(R)
+(11 programs for 32 rows and R = 128 in bench/decode_lengths.py); later calls reuse them and
+compile only pairs not seen yet (at most row buckets x slot buckets in all).
 
-Decode loop (`generate`): the prefill makes a per-layer cache of P_bucket + 8 slots, then the host
-runs chunks of `_CHUNK` = 8 steps, each a `lax.while_loop` on device. Between chunks it reads one
-[M] bool (which rows are done) and, if worthwhile, moves to a smaller working batch
-(`row_bucket(live rows)`, the finished rows leave) and a longer cache (slots grow in powers of two
-with the steps taken). So a step costs what its live rows and filled slots cost: decode time
+Decode loop (`generate`): the prefill makes a per-layer cache of P_bucket + `_CHUNK` slots, then
+the host runs device calls of at most `_CHUNK` = 8 steps, each a `lax.while_loop` whose condition
+also counts the live rows: a call ends at the step the live count falls into a smaller row bucket
+or the held slots are used up. The host then reads one [M] bool (which rows are done) and the step
+reached, moves to a working batch of `row_bucket(live rows)` rows (the finished rows leave, the
+rest keep their order) and, when the slots were used up, to a cache of twice the slots. So a
+step costs what its live rows (plus under 1/4 padding rows) and filled slots cost: decode time
 follows the tokens generated, not rows x the longest row, and not the slots preallocated.
 `generate(compact=False)` is the same decode as one program over all rows and P_bucket + R slots
-(same tokens; for tests and compiled-memory analysis). Inside a chunk, each step samples one token
+(same tokens; for tests and compiled-memory analysis). Inside a call, each step samples one token
 per working row, writes it into column t of the [N, R] outputs (a scatter of M entries) and feeds
-it through the model at cache slot P_bucket + t; rows that finished inside the chunk ride along
+it through the model at cache slot P_bucket + t; rows that finished inside the call ride along
 at mask 0 and write invalid slots that no query reads. Every sampled token, the last included, is
 fed, so after `decode` the cache holds the whole context and its `last_logits` predict the next
 token: multi-turn rollouts continue from it (`append` then `decode` again) without re-prefilling.
@@ -520,23 +525,34 @@ _CHUNK = 8
 _SCHEDULE: list | None = None
 
 
+# Row buckets per octave of `row_bucket` (a power of two). More: less padding, more programs.
+_ROW_BUCKETS_PER_OCTAVE = 4
+
+
 def row_bucket(num_active: int, num_rows: int, multiple: int = 1) -> int:
-  """Working rows for `num_active` live rows: four sizes per octave (2^k x 1, 1.25, 1.5, 1.75;
-  minimum 4, under 1/4 padding) rounded up to the mesh's batch multiple, at most `num_rows`.
+  """Working rows for `num_active` live rows: `_ROW_BUCKETS_PER_OCTAVE` = 4 sizes per octave
+  (2^k x 1, 1.25, 1.5, 1.75; minimum 4, under 1/4 padding) rounded up to the mesh's batch
+  multiple, at most `num_rows`.
 
   Four per octave rather than `bucket_length`'s two: rows that finished wait in the batch until
   the live count reaches the next size down, so the padding is what a step pays for nothing
-  (bench/decode_lengths.py: rows x steps 1.20 -> 1.09 x the tokens generated), for at most
-  twice the decode programs (each row bucket the live count visits compiles once).
+  (bench/decode_lengths.py: rows x steps 1.20 -> 1.09 x the tokens generated), for up to twice
+  the decode programs (each (row, slot) bucket pair a run visits compiles once).
   """
   n = max(int(num_active), 4)
-  step = 1 << max((n - 1).bit_length() - 3, 0)
+  step = 1 << max((n - 1).bit_length() - 1 - (_ROW_BUCKETS_PER_OCTAVE.bit_length() - 1), 0)
   b = -(-n // step) * step
   return min(-(-b // multiple) * multiple, num_rows)
 
 
 def _exit_live(rows: int, num_rows: int, multiple: int) -> int:
   """The most live rows at which a batch of `rows` would move to a smaller bucket (0: none)."""
+  return _exit_live_cached(rows, num_rows, multiple, _ROW_BUCKETS_PER_OCTAVE)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exit_live_cached(rows: int, num_rows: int, multiple: int, per_octave: int) -> int:
+  del per_octave  # part of the cache key: row_bucket reads it
   live = rows - 1
   while live > 0 and row_bucket(live, num_rows, multiple) >= rows:
     live -= 1

@@ -268,7 +268,7 @@ def test_rows_leave_at_the_step_the_live_count_crosses_a_bucket(monkeypatch):
   assert schedule[0][3] == 32 and all(t1 <= slots for _, t1, _, slots in schedule), schedule
 
 
-def test_row_bucket_sizes():
+def test_row_bucket_sizes(monkeypatch):
   sizes = sorted({sampling.row_bucket(n, 1000) for n in range(1, 65)})
   assert sizes == [4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
   assert all(n <= sampling.row_bucket(n, 1000) < 1.25 * max(n, 4) for n in range(1, 500))
@@ -276,6 +276,10 @@ def test_row_bucket_sizes():
                                                                            56, 60]
   # A batch of `rows` exits the step its live count reaches _exit_live: the next bucket down.
   assert [sampling._exit_live(r, 32, 1) for r in (32, 20, 16, 5, 4)] == [28, 16, 14, 4, 0]
+  # Two per octave: the prompt buckets' sizes (the ladder before four per octave).
+  monkeypatch.setattr(sampling, "_ROW_BUCKETS_PER_OCTAVE", 2)
+  assert all(sampling.row_bucket(n, 1000) == sampling.bucket_length(n, minimum=4)
+             for n in range(1, 500))
 
 
 def _nucleus(z, top_k, top_p):
