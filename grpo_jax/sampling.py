@@ -706,6 +706,9 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
     done_M, t_reached = fetch((done_M, t_dev))
     if _SCHEDULE is not None:
       _SCHEDULE.append((t, int(t_reached), rows, slots))
+    if int(t_reached) <= t and (~done_M).any():
+      # row_bucket must be monotone (then a call after a move always steps); never spin.
+      raise RuntimeError(f"generate: a decode call made no step at t = {t} ({rows} rows)")
     t = int(t_reached)
     live_M = ~done_M
     if t >= R or not live_M.any():
