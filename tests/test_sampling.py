@@ -268,6 +268,16 @@ def test_rows_leave_at_the_step_the_live_count_crosses_a_bucket(monkeypatch):
   assert schedule[0][3] == 32 and all(t1 <= slots for _, t1, _, slots in schedule), schedule
 
 
+def test_a_decode_call_without_a_step_raises(monkeypatch):
+  """A non-monotone bucket rule (exit below a size the host then keeps) fails loudly, not spins."""
+  graphdef, params = _split(vocab_size=24, head_scale=4.0)
+  ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10, vocab=24)
+  monkeypatch.setattr(sampling, "row_bucket", lambda n, rows, multiple=1: rows)
+  monkeypatch.setattr(sampling, "_exit_live", lambda rows, n, multiple: rows - 1)
+  with pytest.raises(RuntimeError, match="made no step"):
+    _gen(graphdef, params, ids, mask, group_size=4, max_new_tokens=40, stop_token_ids=(5, 9, 13))
+
+
 def test_row_bucket_sizes(monkeypatch):
   sizes = sorted({sampling.row_bucket(n, 1000) for n in range(1, 65)})
   assert sizes == [4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
