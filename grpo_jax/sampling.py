@@ -517,7 +517,7 @@ def _decode_jit(graphdef, params, cache, logits_NxV, cache_index, rng, budget_N,
 # The most steps per device call of `generate`. A call also ends when the live rows fall into a
 # smaller row bucket (the loop condition counts them) or the held cache slots are used up, so
 # finished rows leave at the step they cross a bucket, whatever this is; it only bounds how long
-# the device runs without the host (and sets the first call's slots). The lead's GPU script sets it.
+# the device runs without the host (and sets the first call's slots). bench/gpu.sh sets 32.
 _CHUNK = 8
 
 # Benchmarks and tests: a list here gets one (first step, step reached, working rows, decode
@@ -536,8 +536,9 @@ def row_bucket(num_active: int, num_rows: int, multiple: int = 1) -> int:
 
   Four per octave rather than `bucket_length`'s two: rows that finished wait in the batch until
   the live count reaches the next size down, so the padding is what a step pays for nothing
-  (bench/decode_lengths.py: rows x steps 1.20 -> 1.09 x the tokens generated), for up to twice
-  the decode programs (each (row, slot) bucket pair a run visits compiles once).
+  (bench/decode_lengths.py, with the calls' early exit: rows x steps 1.09-1.10 x the tokens
+  generated, 1.20-1.23 with two per octave and 8-step chunks), for up to twice the decode
+  programs (each (row, slot) bucket pair a run visits compiles once).
   """
   n = max(int(num_active), 4)
   step = 1 << max((n - 1).bit_length() - 1 - (_ROW_BUCKETS_PER_OCTAVE.bit_length() - 1), 0)
