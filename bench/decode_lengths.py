@@ -1,20 +1,27 @@
 r"""Decode cost vs generated tokens with natural stop tokens (real model, long-tailed lengths).
 
-  python bench/decode_lengths.py                       # B = 4 chat prompts, G = 8, R = 128
-  python bench/decode_lengths.py --batch 8 --new-tokens 128
+  BENCH_CLOCK=cpu python bench/decode_lengths.py --new-tokens 64     # B = 4 chat prompts, G = 8
+  BENCH_CLOCK=cpu python bench/decode_lengths.py --new-tokens 128 --sweep 4,8,16,32
 
 SmolLM2-135M-Instruct (float32, CPU), chat-templated prompts that invite answers of very different
 lengths (a one-word answer ... a story), temperature 1, EOS as the stop token: the lengths are the
 model's own, long-tailed. Timed (median of `--reps` after a warm-up that compiles every bucket the
 run visits; the same key each time, so the same tokens):
 
-  compact   `sampling.generate` (finished rows leave the batch between chunks of 8 steps, the cache
-            holds only the slots read so far);
+  compact   `sampling.generate`: a device call ends the step the live rows fall into a smaller row
+            bucket, the finished rows leave, the cache holds only the slots read so far;
   one       `generate(compact=False)`: every row steps until the longest row ends (the old way);
   forced    the same rows forced to R tokens (no stop token): the per-token cost of a full batch.
 
-Reported: generated tokens, the rows x steps each path runs, and cost per generated token
-relative to `forced` (1.0 = decode time proportional to generated tokens at full-batch efficiency).
+Reported: generated tokens, the rows x steps each path runs (compact: as run, from
+`sampling._SCHEDULE`), the decode programs compiled, and cost per generated token relative to
+`forced` (1.0 = decode time proportional to generated tokens at full-batch efficiency).
+
+`--sweep M1,M2,..`: also the CPU time of one decode step on M working rows (a chunk of 24 steps
+minus one of 8, / 16), and from it `no_padding_bound`: the cost per token vs forced of a sampler
+whose every step costs step(live rows) (interpolated), i.e. no padding rows and no host work at
+all. On a CPU the step at few rows is mostly the weights' memory traffic, so a long tail of few
+rows costs more per token than a full batch whatever the scheduling; this bound says how much.
 """
 
 from __future__ import annotations
@@ -45,13 +52,14 @@ _CLOCK = time.process_time if os.environ.get("BENCH_CLOCK") == "cpu" else time.p
 
 
 def _median(fn, reps):
-  fn()
+  """(median time of `reps` calls after a warm-up call, the warm-up call's result)."""
+  first = fn()
   ts = []
   for _ in range(reps):
     t = _CLOCK()
     fn()
     ts.append(_CLOCK() - t)
-  return statistics.median(ts)
+  return statistics.median(ts), first
 
 
 def main():
@@ -60,6 +68,7 @@ def main():
   parser.add_argument("--group", type=int, default=8)
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--reps", type=int, default=1)
+  parser.add_argument("--sweep", default="", help="rows M1,M2,..: step time and no-padding bound")
   args = parser.parse_args()
 
   import jax
@@ -92,32 +101,76 @@ def main():
     return sampling.generate(graphdef, params, ids, mask, key, compact=compact,
                              stop_token_ids=stops, **kw)
 
+  compiles0 = sampling._chunk_jit._cache_size()
+  sampling._SCHEDULE = schedule = []
   out = gen(True, (eos,))
+  sampling._SCHEDULE = None
   lengths = np.asarray(out.mask).sum(1)
   generated = int(lengths.sum())
-  # Rows x steps each path runs (what the decode pays for), from the lengths alone.
-  C = sampling._CHUNK
-  steps_one = B * G * int(lengths.max())
-  steps_compact = 0
-  rows = B * G
-  for t0 in range(0, int(lengths.max()), C):
-    live = int((lengths > t0).sum())
-    if t0:
-      rows = min(rows, sampling.row_bucket(live, B * G))
-    steps_compact += rows * min(C, int(lengths.max()) - t0)
+  N = B * G
   res = {"model": "SmolLM2-135M-Instruct f32", "prompts": B, "group_size": G, "max_new_tokens": R,
-         "generated_tokens": generated, "length_quantiles": np.percentile(
-             lengths, [0, 25, 50, 75, 90, 100]).tolist(),
-         "row_steps_one_program": steps_one, "row_steps_compact": steps_compact}
+         "chunk": sampling._CHUNK, "generated_tokens": generated,
+         "length_quantiles": np.percentile(lengths, [0, 25, 50, 75, 90, 100]).tolist(),
+         "row_steps_one_program": N * int(lengths.max()),
+         "row_steps_compact": sum((t1 - t0) * rows for t0, t1, rows, _ in schedule),
+         "device_calls_compact": len(schedule),
+         "row_buckets_compact": sorted({rows for *_, rows, _ in schedule}, reverse=True),
+         "decode_programs_compiled": sampling._chunk_jit._cache_size() - compiles0}
   print(json.dumps(res), file=sys.stderr, flush=True)
-  t_compact = _median(lambda: gen(True, (eos,)).tokens.block_until_ready(), args.reps)
-  t_one = _median(lambda: gen(False, (eos,)).tokens.block_until_ready(), args.reps)
-  t_forced = _median(lambda: gen(True, ()).tokens.block_until_ready(), args.reps)
-  per_tok_forced = t_forced / (B * G * R)
-  res.update(compact_s=t_compact, one_program_s=t_one, forced_s=t_forced,
+  t_compact, _ = _median(lambda: gen(True, (eos,)).tokens.block_until_ready(), args.reps)
+  t_one, one = _median(lambda: jax.block_until_ready(gen(False, (eos,))), args.reps)
+  t_forced, _ = _median(lambda: gen(True, ()).tokens.block_until_ready(), args.reps)
+  per_tok_forced = t_forced / (N * R)
+  # Same key, same tokens up to float rounding: the two paths attend over different slot counts
+  # (P + R vs P + the slots held), so logits differ by ~1e-5 and a draw whose uniform falls next
+  # to a CDF boundary (in practice a token of probability < 1e-5) can go the other way.
+  differ_N = (np.asarray(one.tokens) != np.asarray(out.tokens)).any(1)
+  first_N = np.argmax(np.asarray(one.tokens) != np.asarray(out.tokens), axis=1)
+  res.update(rows_differing_from_one_program=int(differ_N.sum()),
+             logprob_of_first_differing_token=[
+                 float(np.asarray(one.logprobs)[n, first_N[n]]) for n in np.flatnonzero(differ_N)],
+             max_logprob_diff_equal_rows=float(np.abs(
+                 np.asarray(one.logprobs) - np.asarray(out.logprobs))[~differ_N].max()),
+             compact_s=t_compact, one_program_s=t_one, forced_s=t_forced,
              compact_cost_per_token_vs_forced=t_compact / generated / per_tok_forced,
              one_program_cost_per_token_vs_forced=t_one / generated / per_tok_forced)
+  print(json.dumps(res), file=sys.stderr, flush=True)
+  if args.sweep:
+    ms = sorted({int(m) for m in args.sweep.split(",")} | {N})
+    steps = {m: _step_time(graphdef, params, ids, mask, G, R, m, key) for m in ms}
+    step_at = lambda m: float(np.interp(m, ms, [steps[m] for m in ms]))
+    live_t = [int((lengths > t).sum()) for t in range(int(lengths.max()))]
+    res.update(step_s_by_rows=steps, no_padding_bound=sum(step_at(m) for m in live_t) / generated
+               / (steps[N] / N))
   print(json.dumps(res, indent=1))
+
+
+def _step_time(graphdef, params, ids, mask, G, R, rows, key):
+  """CPU/wall seconds of one decode step on `rows` working rows (no stop: (t24 - t8) / 16)."""
+  import jax
+  import jax.numpy as jnp
+
+  from grpo_jax import sampling
+  P = ids.shape[1]
+  params_u, st0 = sampling._start_jit(graphdef, params, ids, mask, group_size=G,
+                                      max_new_tokens=R, slots=32, pad_token_id=0, mesh=None)
+  config = sampling.graphdef_config(graphdef, params)
+  lora = sampling.graphdef_lora(graphdef, params)
+  static = dict(max_new_tokens=R, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(),
+                pad_token_id=0, mesh=None)
+  sel = jnp.arange(rows, dtype=jnp.int32) % st0.done.shape[0]
+
+  def chunk(steps):
+    st = sampling._resize_jit(st0, sel, length=P + 32, mesh=None)
+    jax.block_until_ready(st)
+    t = _CLOCK()
+    jax.block_until_ready(sampling._chunk_jit(config, lora, params_u, st, key, jnp.int32(steps),
+                                              jnp.int32(0), **static))
+    return _CLOCK() - t
+
+  chunk(8)
+  return (statistics.median([chunk(24) for _ in range(2)])
+          - statistics.median([chunk(8) for _ in range(2)])) / 16
 
 
 if __name__ == "__main__":

@@ -18,19 +18,24 @@ repeated G times along the batch (a a a b b b, the `grpo_jax.groups.expand_group
 
 Compilation: prompts are left-padded to `bucket_length(P)` (powers of two and 1.5x powers of two,
 at least 16) outside the jit, so the prefill compiles once per prompt-length bucket. The decode
-chunks compile once per (row bucket, slot bucket): at most ~log2(B*G) x log2(R) programs, reused
-by every later call.
+calls compile once per (row bucket, slot bucket) pair: row buckets are four sizes per octave
+(`row_bucket`), slots powers of two, and within one call rows only shrink while slots only grow, so
+one `generate` visits at most (row buckets + slot buckets - 1) pairs, about 4 log2(B*G) + log2(R)
+(11 programs for 32 rows and R = 128 in bench/decode_lengths.py); later calls reuse them and
+compile only pairs not seen yet (at most row buckets x slot buckets in all).
 
-Decode loop (`generate`): the prefill makes a per-layer cache of P_bucket + 8 slots, then the host
-runs chunks of `_CHUNK` = 8 steps, each a `lax.while_loop` on device. Between chunks it reads one
-[M] bool (which rows are done) and, if worthwhile, moves to a smaller working batch
-(`row_bucket(live rows)`, the finished rows leave) and a longer cache (slots grow in powers of two
-with the steps taken). So a step costs what its live rows and filled slots cost: decode time
+Decode loop (`generate`): the prefill makes a per-layer cache of P_bucket + `_CHUNK` slots, then
+the host runs device calls of at most `_CHUNK` = 8 steps, each a `lax.while_loop` whose condition
+also counts the live rows: a call ends at the step the live count falls into a smaller row bucket
+or the held slots are used up. The host then reads one [M] bool (which rows are done) and the step
+reached, moves to a working batch of `row_bucket(live rows)` rows (the finished rows leave, the
+rest keep their order) and, when the slots were used up, to a cache of twice the slots. So a
+step costs what its live rows (plus under 1/4 padding rows) and filled slots cost: decode time
 follows the tokens generated, not rows x the longest row, and not the slots preallocated.
 `generate(compact=False)` is the same decode as one program over all rows and P_bucket + R slots
-(same tokens; for tests and compiled-memory analysis). Inside a chunk, each step samples one token
+(same tokens; for tests and compiled-memory analysis). Inside a call, each step samples one token
 per working row, writes it into column t of the [N, R] outputs (a scatter of M entries) and feeds
-it through the model at cache slot P_bucket + t; rows that finished inside the chunk ride along
+it through the model at cache slot P_bucket + t; rows that finished inside the call ride along
 at mask 0 and write invalid slots that no query reads. Every sampled token, the last included, is
 fed, so after `decode` the cache holds the whole context and its `last_logits` predict the next
 token: multi-turn rollouts continue from it (`append` then `decode` again) without re-prefilling.
@@ -371,9 +376,11 @@ def _constrain_state(st: _DecodeState, mesh: Mesh | None) -> _DecodeState:
                     logprobs=_batch(st.logprobs, mesh), truncated=_batch(st.truncated, mesh))
 
 
-def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, *, max_new_tokens,
-                  temperature, top_k, top_p, stop_token_ids, pad_token_id, mesh) -> _DecodeState:
-  """Decodes steps t in [st.t, min(t_end, R)) until every working row is done. See the docstring.
+def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, exit_live=0, *,
+                  max_new_tokens, temperature, top_k, top_p, stop_token_ids, pad_token_id,
+                  mesh) -> _DecodeState:
+  """Decodes steps t in [st.t, min(t_end, R)) while more than `exit_live` working rows are live
+  (0: until every working row is done). See the module docstring.
 
   Every live row's token (the stop token too: it is context for a later turn) is fed at cache slot
   idx0 + t; rows that are done ride along at mask 0 and write invalid slots no query reads. The
@@ -383,9 +390,12 @@ def _decode_steps(config, lora, params_u, st: _DecodeState, rng, t_end, *, max_n
   N, R = st.tokens.shape
   stops = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
   t_stop = jnp.minimum(jnp.asarray(t_end, jnp.int32), R)
+  exit_live = jnp.asarray(exit_live, jnp.int32)
 
   def cond(st):
-    return (st.t < t_stop) & ~jnp.all(st.done)
+    # Live rows only ever decrease: the loop also ends the step after they fall to `exit_live`,
+    # when the host can move to a smaller working batch.
+    return (st.t < t_stop) & (jnp.sum(~st.done, dtype=jnp.int32) > exit_live)
 
   def body(st):
     t = st.t
@@ -504,23 +514,55 @@ def _decode_jit(graphdef, params, cache, logits_NxV, cache_index, rng, budget_N,
                  budget_N=budget_N, **static)
 
 
-# Steps per device call of `generate`; between calls the host drops finished rows and grows the
-# cache. Small enough that a finished row idles at most C - 1 steps, large enough that the
-# host round trip (one [M] bool read) is noise next to C steps of the model.
+# The most steps per device call of `generate`. A call also ends when the live rows fall into a
+# smaller row bucket (the loop condition counts them) or the held cache slots are used up, so
+# finished rows leave at the step they cross a bucket, whatever this is; it only bounds how long
+# the device runs without the host (and sets the first call's slots). bench/gpu.sh sets 32.
 _CHUNK = 8
+
+# Benchmarks and tests: a list here gets one (first step, step reached, working rows, decode
+# slots) per device call of `generate`.
+_SCHEDULE: list | None = None
+
+
+# Row buckets per octave of `row_bucket` (a power of two). More: less padding, more programs.
+_ROW_BUCKETS_PER_OCTAVE = 4
 
 
 def row_bucket(num_active: int, num_rows: int, multiple: int = 1) -> int:
-  """Working rows for `num_active` live rows: `bucket_length` sizes (minimum 4, at most 1/3
-  padding) rounded up to the mesh's batch multiple, at most `num_rows`."""
-  b = bucket_length(max(num_active, 1), minimum=4)
+  """Working rows for `num_active` live rows: `_ROW_BUCKETS_PER_OCTAVE` = 4 sizes per octave
+  (2^k x 1, 1.25, 1.5, 1.75; minimum 4, under 1/4 padding) rounded up to the mesh's batch
+  multiple, at most `num_rows`.
+
+  Four per octave rather than `bucket_length`'s two: rows that finished wait in the batch until
+  the live count reaches the next size down, so the padding is what a step pays for nothing
+  (bench/decode_lengths.py, with the calls' early exit: rows x steps 1.09-1.10 x the tokens
+  generated, 1.20-1.23 with two per octave and 8-step chunks), for up to twice the decode
+  programs (each (row, slot) bucket pair a run visits compiles once).
+  """
+  n = max(int(num_active), 4)
+  step = 1 << max((n - 1).bit_length() - 1 - (_ROW_BUCKETS_PER_OCTAVE.bit_length() - 1), 0)
+  b = -(-n // step) * step
   return min(-(-b // multiple) * multiple, num_rows)
 
 
+def _exit_live(rows: int, num_rows: int, multiple: int) -> int:
+  """The most live rows at which a batch of `rows` would move to a smaller bucket (0: none)."""
+  return _exit_live_cached(rows, num_rows, multiple, _ROW_BUCKETS_PER_OCTAVE)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exit_live_cached(rows: int, num_rows: int, multiple: int, per_octave: int) -> int:
+  del per_octave  # part of the cache key: row_bucket reads it
+  live = rows - 1
+  while live > 0 and row_bucket(live, num_rows, multiple) >= rows:
+    live -= 1
+  return live
+
+
 def _slot_bucket(steps: int, max_new_tokens: int) -> int:
-  """Decode slots held for the first `steps` steps: a power of two >= steps, at most R (+ chunk)."""
-  cap = -(-max_new_tokens // _CHUNK) * _CHUNK
-  return min(1 << max(steps - 1, 0).bit_length(), cap)
+  """Decode slots held for the first `steps` steps: a power of two >= steps, at most R."""
+  return min(1 << max(steps - 1, 0).bit_length(), max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
@@ -541,10 +583,11 @@ def _start_jit(graphdef, params, ids_BxP, mask_BxP, *, group_size, max_new_token
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,),
                    static_argnames=_SAMPLING_STATIC)
-def _chunk_jit(config, lora, params_u, st, rng, t_end, **static):
-  st = _decode_steps(config, lora, params_u, st, rng, t_end, **static)
-  # A replicated copy of `done` for the host: every process can read it (multi-host meshes).
-  return st, _constrain(st.done, (None,), static["mesh"])
+def _chunk_jit(config, lora, params_u, st, rng, t_end, exit_live, **static):
+  st = _decode_steps(config, lora, params_u, st, rng, t_end, exit_live, **static)
+  # Replicated copies of `done` and the step reached for the host: every process can read them
+  # (multi-host meshes).
+  return st, _constrain(st.done, (None,), static["mesh"]), st.t
 
 
 @functools.partial(jax.jit, static_argnames=("length", "mesh"))
@@ -655,26 +698,34 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
   N = np.shape(prompt_ids)[0] * group_size
   multiple = 1 if mesh is None else sharding_lib.batch_size_multiple(mesh,
                                                                      sharding_lib.ROLLOUT_RULES)
-  rows = N
-  for t0 in range(0, R, _CHUNK):
-    if t0 > 0:
-      # Finished rows leave the batch and the cache grows to what the next chunk reads: the
-      # only host round trip, one [M] bool read per chunk.
-      live_M = ~fetch(done_M)
-      if not live_M.any():
-        break
-      new_rows = row_bucket(int(live_M.sum()), N, multiple)
-      new_slots = _slot_bucket(t0 + _CHUNK, R)
-      if new_rows < rows or new_slots > slots:
-        sel = np.full((new_rows,), -1, np.int32)
-        if new_rows < rows:
-          live_idx = np.flatnonzero(live_M)
-          sel[:live_idx.size] = live_idx
-        else:
-          sel[:rows] = np.arange(rows)
-        st = _resize_jit(st, _place(sel, mesh), length=P + new_slots, mesh=mesh)
-        rows, slots = new_rows, new_slots
-    st, done_M = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t0 + _CHUNK), **static)
+  rows, t = N, 0
+  while True:
+    t_end = min(t + _CHUNK, slots)
+    st, done_M, t_dev = _chunk_jit(config, lora, params_u, st, rng, jnp.int32(t_end),
+                                   jnp.int32(_exit_live(rows, N, multiple)), **static)
+    # The only host round trip: which rows are done and the step reached (the loop may end early).
+    done_M, t_reached = fetch((done_M, t_dev))
+    if _SCHEDULE is not None:
+      _SCHEDULE.append((t, int(t_reached), rows, slots))
+    if int(t_reached) <= t and (~done_M).any():
+      # row_bucket must be monotone (then a call after a move always steps); never spin.
+      raise RuntimeError(f"generate: a decode call made no step at t = {t} ({rows} rows)")
+    t = int(t_reached)
+    live_M = ~done_M
+    if t >= R or not live_M.any():
+      break
+    # Finished rows leave the batch and the cache doubles once its slots are used up.
+    new_rows = row_bucket(int(live_M.sum()), N, multiple)
+    new_slots = _slot_bucket(t + 1, R) if t >= slots else slots
+    if new_rows < rows or new_slots > slots:
+      sel = np.full((new_rows,), -1, np.int32)
+      if new_rows < rows:
+        live_idx = np.flatnonzero(live_M)
+        sel[:live_idx.size] = live_idx
+      else:
+        sel[:rows] = np.arange(rows)
+      st = _resize_jit(st, _place(sel, mesh), length=P + new_slots, mesh=mesh)
+      rows, slots = new_rows, new_slots
   return _output(st, None)
 
 

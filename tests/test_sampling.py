@@ -234,7 +234,7 @@ def test_compacting_generate_equals_one_program(kw):
   graphdef, params = _split(vocab_size=24, head_scale=4.0)
   ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10, vocab=24)
   # Frequent stop tokens on a small vocabulary: rows end at spread-out steps, so the 16 rows
-  # shrink through several buckets over the 40 steps (5 chunks of sampling._CHUNK = 8).
+  # shrink through several buckets over the 40 steps (device calls end early at each bucket).
   kw = dict(group_size=4, max_new_tokens=40, stop_token_ids=(5, 9, 13), **kw)
   one = _gen(graphdef, params, ids, mask, key=3, compact=False, **kw)
   chunked = _gen(graphdef, params, ids, mask, key=3, **kw)
@@ -245,6 +245,51 @@ def test_compacting_generate_equals_one_program(kw):
   np.testing.assert_array_equal(np.asarray(chunked.mask), np.asarray(one.mask))
   np.testing.assert_array_equal(np.asarray(chunked.truncated), np.asarray(one.truncated))
   np.testing.assert_allclose(np.asarray(chunked.logprobs), np.asarray(one.logprobs), atol=1e-5)
+
+
+def test_rows_leave_at_the_step_the_live_count_crosses_a_bucket(monkeypatch):
+  """Each step runs on row_bucket(live rows) rows: a device call ends the step the live count
+  falls into a smaller bucket (not at a chunk boundary), and a long chunk changes no token."""
+  graphdef, params = _split(vocab_size=24, head_scale=4.0)
+  ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10, vocab=24)
+  kw = dict(group_size=4, max_new_tokens=40, temperature=1.0, stop_token_ids=(5, 9, 13))
+  one = _gen(graphdef, params, ids, mask, key=3, compact=False, **kw)
+  schedule = []
+  monkeypatch.setattr(sampling, "_SCHEDULE", schedule)
+  monkeypatch.setattr(sampling, "_CHUNK", 32)
+  out = _gen(graphdef, params, ids, mask, key=3, **kw)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(one.tokens))
+  lengths = np.asarray(one.mask).sum(1)
+  rows_per_step = np.concatenate([np.full(t1 - t0, rows) for t0, t1, rows, _ in schedule])
+  want = [sampling.row_bucket(int((lengths > t).sum()), 16) for t in range(lengths.max())]
+  assert len(set(want)) >= 4, want  # the live count visits several buckets
+  np.testing.assert_array_equal(rows_per_step, want)
+  # The first call holds _CHUNK slots, and no call steps past the slots it holds.
+  assert schedule[0][3] == 32 and all(t1 <= slots for _, t1, _, slots in schedule), schedule
+
+
+def test_a_decode_call_without_a_step_raises(monkeypatch):
+  """A non-monotone bucket rule (exit below a size the host then keeps) fails loudly, not spins."""
+  graphdef, params = _split(vocab_size=24, head_scale=4.0)
+  ids, mask = _prompts([5, 3, 7, 1], P=7, seed=10, vocab=24)
+  monkeypatch.setattr(sampling, "row_bucket", lambda n, rows, multiple=1: rows)
+  monkeypatch.setattr(sampling, "_exit_live", lambda rows, n, multiple: rows - 1)
+  with pytest.raises(RuntimeError, match="made no step"):
+    _gen(graphdef, params, ids, mask, group_size=4, max_new_tokens=40, stop_token_ids=(5, 9, 13))
+
+
+def test_row_bucket_sizes(monkeypatch):
+  sizes = sorted({sampling.row_bucket(n, 1000) for n in range(1, 65)})
+  assert sizes == [4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+  assert all(n <= sampling.row_bucket(n, 1000) < 1.25 * max(n, 4) for n in range(1, 500))
+  assert sorted({sampling.row_bucket(n, 60, 8) for n in range(1, 61)}) == [8, 16, 24, 32, 40, 48,
+                                                                           56, 60]
+  # A batch of `rows` exits the step its live count reaches _exit_live: the next bucket down.
+  assert [sampling._exit_live(r, 32, 1) for r in (32, 20, 16, 5, 4)] == [28, 16, 14, 4, 0]
+  # Two per octave: the prompt buckets' sizes (the ladder before four per octave).
+  monkeypatch.setattr(sampling, "_ROW_BUCKETS_PER_OCTAVE", 2)
+  assert all(sampling.row_bucket(n, 1000) == sampling.bucket_length(n, minimum=4)
+             for n in range(1, 500))
 
 
 def _nucleus(z, top_k, top_p):
