@@ -30,6 +30,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -245,6 +246,40 @@ def combine_micro_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]
     else:
       out[k] = jnp.sum(v * tokens_K) / jnp.maximum(total, 1.0)
   return out
+
+
+def combine_step_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
+  """The metrics of one GRPO step's optimizer updates (minibatches x epochs, as NumPy) -> one
+  row: extremes stay extremes (`*_max` the max, `*_min` the min), the rest are means."""
+  out = {}
+  for key in metrics[0]:
+    values = np.asarray([m[key] for m in metrics], np.float64)
+    if key in _MAX_METRICS or key.endswith("_max"):
+      out[key] = float(values.max())
+    elif key.endswith("_min"):
+      out[key] = float(values.min())
+    else:
+      out[key] = float(values.mean())
+  return out
+
+
+def minibatch_indices(key: jax.Array, num_rows: int, minibatch: int,
+                      group_size: int | None = None) -> np.ndarray:
+  """Row indices of each minibatch of one epoch: [num_rows / minibatch, minibatch].
+
+  Without `group_size`: a random permutation of the rows. With `group_size` G (the shared-prefix
+  update) a random permutation of the GROUPS, each group's G rows kept contiguous and in order,
+  so that every minibatch holds whole groups (a a a b b b) and runs each prompt once.
+  """
+  if not group_size:
+    perm = np.asarray(jax.random.permutation(key, num_rows))
+  else:
+    if num_rows % group_size or minibatch % group_size:
+      raise ValueError(f"group_size: {num_rows} rows in minibatches of {minibatch} are not whole "
+                       f"groups of {group_size}")
+    groups = np.asarray(jax.random.permutation(key, num_rows // group_size))
+    perm = (groups[:, None] * group_size + np.arange(group_size)).reshape(-1)
+  return perm.reshape(num_rows // minibatch, minibatch)
 
 
 def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[str, jax.Array]:

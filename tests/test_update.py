@@ -255,3 +255,92 @@ def test_plan_remat_only_when_nothing_fits_and_explicit_wins():
                                budget=(2 * GiB, "test", True))
   assert per_dev.microbatch % 8 == 0 and per_dev.state_bytes < 1 * GiB
   assert "micro-batch" in roomy.describe(64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several minibatches per step: whole groups shuffled, the shared prefix still applies
+# ----------------------------------------------------------------------------------------------
+
+
+def test_group_shuffle_is_a_permutation_of_whole_groups():
+  """With a group size every minibatch holds whole groups (G contiguous rows, in order) and the
+  minibatches together hold each row once; without one, the row shuffle is what it always was."""
+  key = jax.random.PRNGKey(3)
+  rows = update.minibatch_indices(key, 8 * G, 2 * G, G)
+  assert rows.shape == (4, 2 * G)
+  np.testing.assert_array_equal(np.sort(rows.reshape(-1)), np.arange(8 * G))
+  blocks = rows.reshape(-1, G)  # Each run of G rows is one group, in order.
+  np.testing.assert_array_equal(blocks % G, np.broadcast_to(np.arange(G), blocks.shape))
+  np.testing.assert_array_equal(blocks // G, np.broadcast_to(blocks[:, :1] // G, blocks.shape))
+  assert list(blocks[:, 0] // G) != list(range(8))  # The groups really are shuffled.
+  np.testing.assert_array_equal(update.minibatch_indices(key, 8 * G, 2 * G),
+                                np.asarray(jax.random.permutation(key, 8 * G)).reshape(4, 2 * G))
+  with pytest.raises(ValueError, match="group_size"):
+    update.minibatch_indices(key, 8 * G, 6, G)
+
+
+@pytest.mark.parametrize("kind", ["full", "sharded_lora"])
+def test_shared_prefix_equals_plain_over_minibatches_and_epochs(kind):
+  """2 epochs x 2 minibatches (whole groups, shuffled per epoch) x 2 micro-batches with AdamW:
+  every step's metrics and the final params of the shared-prefix path equal the plain path's on
+  the same split, unsharded and on the 8-device mesh with LoRA."""
+  if "lora" in kind:
+    graphdef, params, frozen = _lora_model()
+    vocab = tiny_config("llama3").vocab_size
+  else:
+    graphdef, params = _tiny()
+    frozen, vocab = None, 96
+  n_groups, minibatch = 8, 4 * G
+  batch = _off_policy(_batch(vocab, seed=5, n_groups=n_groups), 4)
+  batch["ref_logp"] = batch["old_logp"] + 0.1
+  tx = update.make_optimizer(update.OptimConfig(learning_rate=3e-3, warmup_steps=0), 8)
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  put = lambda tree: tree
+  if kind.startswith("sharded"):
+    from grpo_jax import sharding
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2))
+    put = lambda tree: {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
+                        for k, v in tree.items()}
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state))
+  steps = {g: _step_fn(graphdef, _rl(), tx, frozen, 2, g) for g in (None, G)}
+  states = {g: jax.tree.map(jnp.copy, state) for g in steps}
+  for epoch in range(2):
+    rows = update.minibatch_indices(jax.random.PRNGKey(epoch), n_groups * G, minibatch, G)
+    for idx in rows:
+      mb = put(jax.tree.map(lambda x: x[idx], batch))
+      metrics = {}
+      for g, step in steps.items():
+        states[g], metrics[g] = step(states[g], mb)
+      for key in metrics[None]:
+        np.testing.assert_allclose(metrics[G][key], metrics[None][key], rtol=2e-5, atol=1e-6,
+                                   err_msg=f"epoch {epoch}: {key}")
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(states[None].params),
+                                                            jax.tree.leaves(params)))
+  assert moved > 1e-3  # The params did move (4 AdamW steps).
+  for a, b in zip(jax.tree.leaves(states[G].params), jax.tree.leaves(states[None].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_step_metrics_keep_extremes():
+  """The metrics row of a step with several optimizer updates: max of `*_max`, min of `*_min`,
+  mean of the rest (train._flush writes them)."""
+  from grpo_jax import train
+
+  class Writer:
+    def write(self, step, row):
+      self.row = (step, row)
+
+  upd = [{"ratio_max": jnp.float32(1.5), "ratio_min": jnp.float32(0.5), "loss": jnp.float32(1.0),
+          "kl": jnp.float32(0.2)},
+         {"ratio_max": jnp.float32(3.0), "ratio_min": jnp.float32(0.25), "loss": jnp.float32(2.0),
+          "kl": jnp.float32(0.4)},
+         {"ratio_max": jnp.float32(1.0), "ratio_min": jnp.float32(0.75), "loss": jnp.float32(3.0),
+          "kl": jnp.float32(0.6)}]
+  writer = Writer()
+  out = train._flush(writer, (7, {"reward/mean": jnp.float32(0.5)}, upd, {"time/step_s": 1.0}))
+  assert writer.row[0] == 7 and writer.row[1] is out
+  assert out["update/ratio_max"] == 3.0 and out["update/ratio_min"] == 0.25
+  np.testing.assert_allclose([out["update/loss"], out["kl"]], [2.0, 0.4], rtol=1e-6)
+  assert out["reward/mean"] == 0.5 and out["time/step_s"] == 1.0
