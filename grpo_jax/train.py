@@ -272,10 +272,14 @@ class Steps:
     num_micro = run.minibatch // plan.microbatch
     temp = r.temperature if r.temperature > 0 else 1.0
     group = r.group_size if plan.shared_prefix else None
+    # Micro-batches run on their responses trimmed to a few compiled lengths: the update's cost
+    # follows the real response lengths, not max_new_tokens.
+    buckets = update.response_buckets(r.max_new_tokens)
     train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
                           response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
-                          lm_head_chunk=run.train.lm_head_chunk, group_size=group),
+                          lm_head_chunk=run.train.lm_head_chunk, group_size=group,
+                          buckets=buckets),
         in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
         donate_argnums=0)
     self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
@@ -288,7 +292,7 @@ class Steps:
       return jax.jit(functools.partial(
           update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
           microbatch=plan.microbatch, temperature=temp, use_lora=use_lora,
-          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group),
+          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group, buckets=buckets),
           out_shardings=batch_sh(2))
     policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
     self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,
