@@ -3,6 +3,7 @@ and the wall time of one update on the real model.
 
   python bench/update_flops.py                      # FLOPs only (compiles small-depth programs)
   python bench/update_flops.py --time               # also time one update on SmolLM2-135M
+  python bench/update_flops.py --ragged [--time]    # long-tailed lengths: trimmed vs untrimmed
 
 What is counted. `jax.value_and_grad(update.loss_fn)` over one micro-batch holding the whole batch
 (B prompts x G responses, every prompt P tokens and every response R tokens: no padding), float32,
@@ -18,6 +19,14 @@ and each response token once, no padding: per token and layer 2 (E H D + 2 E K D
 attention 4 H D S per query over its S visible positions (the prompt's P for prompt queries, P + R
 for response queries, as the dense masked attention computes them), and the LM head 2 E V on the
 response positions only. Expected saving of the shared prefix ~ (G - 1) / G x P / (P + R).
+
+--ragged: responses of natural, long-tailed lengths (P = 256, G = 8, R = 128; each prompt draws a
+typical length 8-64 tokens, log-uniform, and its G responses scatter around it, lognormal
+sigma 0.6, capped at R), the update in micro-batches of one group, plain (micro-batches of 4
+rows) and shared. Counted: the XLA FLOPs of the programs that run, i.e. per micro-batch the
+program of its bucket (`update.response_buckets(R)`), against every micro-batch at R
+(untrimmed) and the ideal on the real lengths. With --time also the wall time of one
+`train_step` (shared, AdamW, SmolLM2-135M weights) with and without `buckets`.
 
 --time: one update (`update.train_step`, jitted, AdamW) on the real SmolLM2-135M-Instruct weights,
 plain vs shared, B prompts as below, after a warm-up call, `block_until_ready` before reading the
@@ -44,6 +53,135 @@ def smollm2_shape(**overrides):
                 rope_theta=100000.0, rms_norm_eps=1e-5, model_type="llama",
                 max_position_embeddings=8192)
   return ModelConfig(**{**fields, **overrides})
+
+
+def ragged_lengths(B, G, R, seed=0):
+  """[B, G] response lengths: a typical length per prompt (8..R/2, log-uniform), the G responses
+  lognormal around it (sigma 0.6), at least 1, capped at R (truncated)."""
+  import numpy as np
+  rng = np.random.RandomState(seed)
+  typical_B = np.exp(rng.uniform(np.log(8), np.log(R / 2), B))
+  lengths = np.ceil(typical_B[:, None] * np.exp(0.6 * rng.normal(size=(B, G))))
+  return np.clip(lengths, 1, R).astype(np.int64)
+
+
+def ideal_ragged_flops(cfg, P, lengths_BxG) -> float:
+  """`ideal_flops` on real lengths: each prompt once, each real response token once (attending
+  to the prompt and the response tokens before it, dense over the visible window)."""
+  E, F, H, K, D, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                         cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.num_layers)
+  linear = 2 * (E * H * D + 2 * E * K * D + H * D * E + 3 * E * F)
+  B = lengths_BxG.shape[0]
+  n = lengths_BxG.reshape(-1).astype(float)
+  per_layer = B * P * (linear + 4 * H * D * P) + (n * (linear + 4 * H * D * (P + n))).sum()
+  return 3.0 * (L * per_layer + n.sum() * 2 * E * V)
+
+
+def ragged_flops(cfg, P, G, R, lengths_BxG, rows_per_micro_plain=4) -> dict:
+  """XLA FLOPs of the micro-batch programs that run on `lengths_BxG`: untrimmed (every
+  micro-batch at R) and trimmed (each micro-batch in its bucket, micro-batches by length as
+  `update._order_by_length` forms them), for the shared path (one group per micro-batch) and the
+  plain path (`rows_per_micro_plain` rows per micro-batch)."""
+  import numpy as np
+
+  from grpo_jax import update
+  buckets = update.response_buckets(R)
+  bucket = lambda n: next(b for b in buckets if b >= n)
+  B = lengths_BxG.shape[0]
+  # Shared: micro-batch = one group, its extent the group's longest response.
+  shared_buckets = [bucket(int(m)) for m in lengths_BxG.max(axis=1)]
+  # Plain: rows sorted by length, runs of `rows_per_micro_plain`, extent the run's longest.
+  rows = np.sort(lengths_BxG.reshape(-1))
+  plain_buckets = [bucket(int(r[-1])) for r in rows.reshape(-1, rows_per_micro_plain)]
+  out = {"buckets": buckets}
+  for name, used, (b, g) in (("shared", shared_buckets, (1, G)),
+                             ("plain", plain_buckets, (rows_per_micro_plain, 1))):
+    per = {r: extrapolated_flops(cfg, b, P, g, r, shared=name == "shared")
+           for r in sorted(set(used) | {R})}
+    out[name] = {"untrimmed": len(used) * per[R], "trimmed": sum(per[r] for r in used),
+                 "micro_buckets": used}
+  out["ideal"] = ideal_ragged_flops(cfg, P, lengths_BxG)
+  return out
+
+
+def time_ragged(model_dir: str, P: int, G: int, R: int, lengths_BxG, rounds: int) -> dict:
+  """Median seconds of one jitted shared-prefix train_step (one group per micro-batch, AdamW,
+  real weights) on ragged responses, with and without trimming to buckets."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from grpo_jax import models, update
+  from grpo_jax.config import OptimConfig, RLConfig
+
+  model = models.from_pretrained(model_dir)
+  graphdef, params = nnx.split(model)
+  tx = update.make_optimizer(OptimConfig(learning_rate=1e-6, warmup_steps=0), 100)
+  B = lengths_BxG.shape[0]
+  n = B * G
+  rng = np.random.RandomState(0)
+  prompt = rng.randint(10, 40000, (B, P))
+  rmask = (np.arange(R)[None, :] < lengths_BxG.reshape(-1, 1)).astype(np.int32)
+  batch = {
+      "tokens": jnp.asarray(np.concatenate([np.repeat(prompt, G, 0),
+                                            rng.randint(10, 40000, (n, R))], 1), jnp.int32),
+      "attn_mask": jnp.asarray(np.concatenate([np.ones((n, P), np.int32), rmask], 1)),
+      "loss_mask": jnp.asarray(rmask, jnp.float32), "kl_mask": jnp.asarray(rmask, jnp.float32),
+      "advantages": jnp.asarray(rng.normal(size=n), jnp.float32),
+  }
+  steps = {name: jax.jit(functools.partial(
+      update.train_step, graphdef=graphdef, tx=tx, rl=RLConfig(), response_len=R, num_micro=B,
+      temperature=1.0, group_size=G, buckets=b))
+      for name, b in (("untrimmed", None), ("trimmed", update.response_buckets(R)))}
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  times = {k: [] for k in steps}
+  for name, step in steps.items():  # compile + warm-up
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(state, batch))
+    times[f"{name}_first"] = time.perf_counter() - t0
+  for _ in range(rounds):
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(state, batch))
+      times[name].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) if isinstance(v, list) else v for k, v in times.items()}
+
+
+def ragged_main(args):
+  import jax
+  import numpy as np
+  cfg = smollm2_shape()
+  P, G, R = 256, 8, 128
+  lengths = ragged_lengths(args.ragged_batch, G, R)
+  flat = lengths.reshape(-1)
+  row = {"P": P, "G": G, "R": R, "B": args.ragged_batch, "length_mean": float(flat.mean()),
+         "length_p50": float(np.median(flat)), "length_p90": float(np.percentile(flat, 90)),
+         "truncated_frac": float((flat >= R).mean()),
+         "group_max": lengths.max(axis=1).tolist()}
+  print(json.dumps(row), flush=True)
+  if not args.no_flops:
+    jax.lax.scan = functools.partial(jax.lax.scan, unroll=True)
+    f = ragged_flops(cfg, P, G, R, lengths)
+    jax.lax.scan = jax.lax.scan.func
+    for name in ("shared", "plain"):
+      u, t = f[name]["untrimmed"], f[name]["trimmed"]
+      row.update({f"{name}_untrimmed_tflop": u / 1e12, f"{name}_trimmed_tflop": t / 1e12,
+                  f"{name}_saving": 1 - t / u, f"{name}_trimmed_over_ideal": t / f["ideal"],
+                  f"{name}_untrimmed_over_ideal": u / f["ideal"],
+                  f"{name}_micro_buckets": f[name]["micro_buckets"]})
+    row["ideal_tflop"] = f["ideal"] / 1e12
+    print(json.dumps(row), flush=True)
+  if args.time:
+    B = args.ragged_time_batch
+    t = time_ragged(args.model_dir, P, G, R, lengths[:B], args.rounds)
+    row.update({"time_B": B, "time_group_max": lengths[:B].max(axis=1).tolist(),
+                **{f"{k}_s": v for k, v in t.items()}})
+    print(json.dumps(row), flush=True)
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump({"args": vars(args), "rows": [row]}, fh, indent=1)
 
 
 def _batch_shapes(n, P, R):
@@ -153,7 +291,14 @@ def main():
                  default=os.path.expanduser("~/.cache/grpo_jax/SmolLM2-135M-Instruct"))
   p.add_argument("--json")
   p.add_argument("--no-flops", action="store_true", help="with --time: skip the FLOP counts")
+  p.add_argument("--ragged", action="store_true",
+                 help="long-tailed response lengths: trimmed vs untrimmed update (see above)")
+  p.add_argument("--ragged-batch", type=int, default=16, help="--ragged: prompts B")
+  p.add_argument("--ragged-time-batch", type=int, default=2,
+                 help="--ragged --time: the first B prompts of the batch are timed")
   args = p.parse_args()
+  if args.ragged:
+    return ragged_main(args)
 
   import jax
   # Count every layer: XLA's cost analysis counts a while loop's body once.

@@ -156,14 +156,14 @@ def init_state(run: RunConfig, mesh, tokenizer, workdir: str):
 def update_plan(run: RunConfig, mesh, mcfg, abstract_params, abstract_frozen) -> update.UpdatePlan:
   """The update's micro-batch / remat / shared-prefix plan for this run (`update.plan_update`).
 
-  The shared prefix applies when the update's rows come in whole groups: one minibatch per step
-  (several minibatches are random row subsets).
+  The shared prefix applies when the update's rows come in whole groups: the minibatch is a
+  whole number of groups (several minibatches then shuffle whole groups, `update_policy`).
   """
   count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
   shape = dict(mesh.shape)
   d = run.data
   prompt_len = min([b for b in d.length_buckets if b >= d.max_prompt_len] or [d.max_prompt_len])
-  grouped = run.train.shared_prefix and run.minibatch == run.rollout_batch
+  grouped = run.train.shared_prefix and run.minibatch % run.rollout.group_size == 0
   budget = None
   if run.train.memory_budget_gb:
     budget = (run.train.memory_budget_gb * 2**30, "train.memory_budget_gb",
@@ -242,6 +242,12 @@ def rollout_metrics(rewards_N, components, advantages_N, completion_mask_NxR, tr
   return out
 
 
+# The update and old / reference forwards on micro-batches trimmed to their response lengths
+# (`update.train_step(buckets=...)`). Off: 27 % fewer XLA FLOPs on a long-tailed length
+# distribution, but 1.15x the wall time of the untrimmed update on SmolLM2-135M on CPU.
+TRIM_RESPONSES = False
+
+
 class Steps:
   """The jitted functions of a run, compiled once per input shape (prompt length bucket)."""
 
@@ -272,10 +278,15 @@ class Steps:
     num_micro = run.minibatch // plan.microbatch
     temp = r.temperature if r.temperature > 0 else 1.0
     group = r.group_size if plan.shared_prefix else None
+    # Trimming micro-batches to their response lengths (update.response_buckets) saves FLOPs but
+    # was measured SLOWER on SmolLM2-135M on CPU (BENCHMARKS, "responses trimmed"): off until
+    # that is understood.
+    buckets = update.response_buckets(r.max_new_tokens) if TRIM_RESPONSES else None
     train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
                           response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
-                          lm_head_chunk=run.train.lm_head_chunk, group_size=group),
+                          lm_head_chunk=run.train.lm_head_chunk, group_size=group,
+                          buckets=buckets),
         in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
         donate_argnums=0)
     self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
@@ -288,7 +299,7 @@ class Steps:
       return jax.jit(functools.partial(
           update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
           microbatch=plan.microbatch, temperature=temp, use_lora=use_lora,
-          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group),
+          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group, buckets=buckets),
           out_shardings=batch_sh(2))
     policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
     self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,
@@ -829,14 +840,15 @@ def update_policy(loop: Loop, s: StepData) -> None:
   n_mb = run.rollout_batch // run.minibatch
   loop.updating = True  # The state is donated from here on: no emergency save.
   state = loop.state
+  # The shared-prefix update needs whole groups in each minibatch: shuffle groups, not rows.
+  group = run.rollout.group_size if loop.setup.plan.shared_prefix else None
   for epoch in range(run.train.ppo_epochs):
     if n_mb == 1:
       minibatches = [s.train_batch]
     else:
-      perm = np.asarray(jax.random.permutation(
-          jax.random.fold_in(s.step_key, 1000 + epoch), run.rollout_batch))
-      minibatches = [steps.take(s.train_batch, perm[i * run.minibatch:(i + 1) * run.minibatch])
-                     for i in range(n_mb)]
+      rows = update.minibatch_indices(jax.random.fold_in(s.step_key, 1000 + epoch),
+                                      run.rollout_batch, run.minibatch, group)
+      minibatches = [steps.take(s.train_batch, idx) for idx in rows]
       minibatches = [jax.device_put(mb, jax.tree.map(lambda x: steps.batch_sh(x.ndim), mb))
                      for mb in minibatches]
     for mb in minibatches:
@@ -1085,10 +1097,9 @@ def _retrieved_text(out) -> list[str] | None:
 def _flush(writer: metrics_lib.MetricsWriter, pending) -> dict[str, float]:
   step, roll, upd, host = pending
   out = {k: float(v) for k, v in jax.device_get(roll).items()}
-  upd = jax.device_get(upd)
-  for key in upd[0]:
-    out[f"update/{key}" if key not in ("kl", "entropy") else key] = float(
-        np.mean([m[key] for m in upd]))
+  # Several optimizer updates per step (minibatches x epochs): extremes stay extremes.
+  for key, value in update.combine_step_metrics(jax.device_get(upd)).items():
+    out[f"update/{key}" if key not in ("kl", "entropy") else key] = value
   out.update(host)
   writer.write(step, out)
   return out

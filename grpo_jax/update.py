@@ -15,8 +15,10 @@ Batch layout (one row per response, N = prompts x G):
 
 With `group_size` G (the shared-prefix path) the rows come in groups of G responses to one prompt
 (a a a b b b, the prompt part of a group's rows identical): each prompt then runs once per group
-and micro-batches hold whole groups. `plan_update` picks the micro-batch (and remat) from a memory
-budget.
+and micro-batches hold whole groups. With `buckets` (`response_buckets`) the micro-batches are
+formed by response length and each runs with its response axis trimmed to the smallest bucket that
+holds it: padding beyond the longest real response costs nothing. `plan_update` picks the
+micro-batch (and remat) from a memory budget.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -135,21 +138,108 @@ def _head(model, pred_hidden_NxRxE, targets_NxR, mask_NxR, with_entropy, tempera
 def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, response_len: int,
                               microbatch: int, temperature: float = 1.0, frozen: Any = None,
                               use_lora: bool = True, lm_head_chunk: int = 0,
-                              group_size: int | None = None) -> jax.Array:
+                              group_size: int | None = None,
+                              buckets: tuple[int, ...] | None = None) -> jax.Array:
   """`response_logprobs` in micro-batches (bounded activation memory), for old/ref log-probs.
 
-  With `group_size` each micro-batch holds whole groups and runs their prompts once.
+  With `group_size` each micro-batch holds whole groups and runs their prompts once. With
+  `buckets` (`response_buckets`) the rows are ordered by response length into the micro-batches
+  and each runs on its responses trimmed to the smallest bucket that holds them (`_trimmed`):
+  the same log-probs, padding costs nothing.
   """
   n = tokens_NxL.shape[0]
   k = n // microbatch
-  split = functools.partial(_split_micro, k=k, group_size=group_size)
-  toks, mask = split(tokens_NxL), split(attn_mask_NxL)
-  out = jax.lax.map(lambda tm: response_logprobs(graphdef, params, tm[0], tm[1], response_len,
-                                                 temperature=temperature, frozen=frozen,
-                                                 use_lora=use_lora, lm_head_chunk=lm_head_chunk,
-                                                 group_size=group_size),
-                    (toks, mask))
-  return _merge_micro(out, group_size)
+  batch = {"tokens": tokens_NxL, "attn_mask": attn_mask_NxL}
+  rows_N = None
+  if buckets and k > 1:
+    batch, rows_N = _order_by_length(batch, k, group_size, response_len)
+  micro = jax.tree.map(lambda x: _split_micro(x, k, group_size), batch)
+
+  def forward(mb, r):
+    logp_MxR = response_logprobs(graphdef, params, mb["tokens"], mb["attn_mask"], r,
+                                 temperature=temperature, frozen=frozen, use_lora=use_lora,
+                                 lm_head_chunk=lm_head_chunk, group_size=group_size)
+    return jnp.pad(logp_MxR, ((0, 0), (0, response_len - r)))  # Padding's log-prob is 0.
+
+  out = jax.lax.map(lambda mb: _trimmed(forward, mb, response_len, buckets), micro)
+  out = _merge_micro(out, group_size)
+  return out if rows_N is None else out[jnp.argsort(rows_N)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Response trimming: the update costs the responses' real lengths, not rollout.max_new_tokens
+# ----------------------------------------------------------------------------------------------
+
+# Keys of an update batch by axis: [N, P + R] sequence arrays and [N, R] response arrays.
+_SEQUENCE_KEYS = ("tokens", "attn_mask")
+_RESPONSE_KEYS = ("loss_mask", "kl_mask", "old_logp", "ref_logp")
+TRIM_BUCKETS = 4  # Compiled lengths per program: R, R/2, R/4, R/8.
+TRIM_ALIGN = 16
+
+
+def response_buckets(response_len: int, num: int = TRIM_BUCKETS,
+                     align: int = TRIM_ALIGN) -> tuple[int, ...]:
+  """The response lengths a micro-batch is trimmed to: R, R/2, ..., R/2^(num-1), each rounded up
+  to a multiple of `align` and capped at R. Each is one branch of the compiled program (compile
+  time grows with `num`); a micro-batch wastes less than half its bucket on padding."""
+  out = {min(response_len, -(-max(response_len >> i, 1) // align) * align) for i in range(num)}
+  return tuple(sorted(out))
+
+
+def _response_extent(attn_mask_NxL: jax.Array, response_len: int) -> jax.Array:
+  """Per row, 1 + the last response position that is a real token (0 for an empty response)."""
+  real_NxR = attn_mask_NxL[:, attn_mask_NxL.shape[1] - response_len:] != 0
+  return jnp.max(jnp.where(real_NxR, jnp.arange(1, response_len + 1)[None, :], 0), axis=1)
+
+
+def _trim(batch: dict[str, jax.Array], response_len: int, r: int) -> dict[str, jax.Array]:
+  """The batch with its response axis cut to the first r positions."""
+  out = {}
+  for key, x in batch.items():
+    if key in _SEQUENCE_KEYS:
+      x = x[:, :x.shape[1] - response_len + r]
+    elif key in _RESPONSE_KEYS:
+      x = x[:, :r]
+    elif x.ndim > 1:
+      raise ValueError(f"batch[{key!r}]: unknown [N, ...] array, cannot trim its response axis")
+    out[key] = x
+  return out
+
+
+def _trimmed(fn, batch: dict[str, jax.Array], response_len: int,
+             buckets: tuple[int, ...] | None):
+  """`fn(batch, response_len)`, or with `buckets` `fn(trimmed batch, r)` for the smallest bucket r
+  that holds every real response token of the batch (one `lax.switch`: each bucket is compiled
+  once, only the chosen one runs). Right of a row's last real token there is only padding
+  (attn_mask 0, loss / KL masks 0), which no real token attends to: the results are equal."""
+  if not buckets:
+    return fn(batch, response_len)
+  if buckets[-1] != response_len:
+    raise ValueError(f"buckets: the last must be the response length {response_len}, got "
+                     f"{buckets}")
+  extent = jnp.max(_response_extent(batch["attn_mask"], response_len))
+  index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), extent), len(buckets) - 1)
+  branches = [functools.partial(lambda r, b: fn(_trim(b, response_len, r), r), r)
+              for r in buckets]
+  return jax.lax.switch(index, branches, batch)
+
+
+def _order_by_length(batch: dict[str, jax.Array], k: int, group_size: int | None,
+                     response_len: int):
+  """The batch's rows reordered so that `_split_micro(., k)` gives micro-batches of similar
+  response lengths (whole groups, by their longest response), shortest first; returns (batch,
+  rows_N), row i of the new batch being row rows_N[i] of the old. Ties keep today's strided
+  micro-batches: a batch of equal lengths is not moved at all."""
+  g = group_size or 1
+  n = batch["attn_mask"].shape[0]
+  units, m = n // g, n // g // k
+  extent_U = _response_extent(batch["attn_mask"], response_len).reshape(units, g).max(axis=1)
+  strided_U = jnp.arange(units).reshape(m, k).T.reshape(-1)  # Micro-batch j: units j, j + k, ...
+  order_U = strided_U[jnp.argsort(extent_U[strided_U], stable=True)]
+  # Micro-batch j takes units j, j + k, ...: put the j-th run of m sorted units there.
+  units_U = order_U.reshape(k, m).T.reshape(-1)
+  rows_N = (units_U[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+  return jax.tree.map(lambda x: x[rows_N], batch), rows_N
 
 
 def _split_micro(x: jax.Array, k: int, group_size: int | None = None) -> jax.Array:
@@ -245,6 +335,40 @@ def combine_micro_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]
   return out
 
 
+def combine_step_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
+  """The metrics of one GRPO step's optimizer updates (minibatches x epochs, as NumPy) -> one
+  row: extremes stay extremes (`*_max` the max, `*_min` the min), the rest are means."""
+  out = {}
+  for key in metrics[0]:
+    values = np.asarray([m[key] for m in metrics], np.float64)
+    if key in _MAX_METRICS or key.endswith("_max"):
+      out[key] = float(values.max())
+    elif key.endswith("_min"):
+      out[key] = float(values.min())
+    else:
+      out[key] = float(values.mean())
+  return out
+
+
+def minibatch_indices(key: jax.Array, num_rows: int, minibatch: int,
+                      group_size: int | None = None) -> np.ndarray:
+  """Row indices of each minibatch of one epoch: [num_rows / minibatch, minibatch].
+
+  Without `group_size`: a random permutation of the rows. With `group_size` G (the shared-prefix
+  update) a random permutation of the GROUPS, each group's G rows kept contiguous and in order,
+  so that every minibatch holds whole groups (a a a b b b) and runs each prompt once.
+  """
+  if not group_size:
+    perm = np.asarray(jax.random.permutation(key, num_rows))
+  else:
+    if num_rows % group_size or minibatch % group_size:
+      raise ValueError(f"group_size: {num_rows} rows in minibatches of {minibatch} are not whole "
+                       f"groups of {group_size}")
+    groups = np.asarray(jax.random.permutation(key, num_rows // group_size))
+    perm = (groups[:, None] * group_size + np.arange(group_size)).reshape(-1)
+  return perm.reshape(num_rows // minibatch, minibatch)
+
+
 def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[str, jax.Array]:
   return {
       "pg": losses.aggregate_denominator(batch["loss_mask"], rl.loss.agg_mode),
@@ -254,23 +378,35 @@ def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[st
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, graphdef,
                tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float,
-               lm_head_chunk: int = 0, group_size: int | None = None):
+               lm_head_chunk: int = 0, group_size: int | None = None,
+               buckets: tuple[int, ...] | None = None):
   """One optimizer step on a minibatch, accumulating gradients over `num_micro` micro-batches.
 
   With `group_size` G the minibatch's rows are whole groups (a a a b b b) and every micro-batch
   holds whole groups: each prompt's forward and backward run once per group (shared prefix).
+  With `buckets` (`response_buckets`) the rows (whole groups with G) are ordered by response
+  length into the micro-batches and each micro-batch runs trimmed to the smallest bucket that
+  holds its responses: the cost follows the real lengths, the results are equal.
 
   `frozen` holds the base weights of a LoRA run (no gradient, no optimizer state); None otherwise.
   A step whose loss or gradients are not finite leaves params and optimizer state untouched and
   increments `state.skipped`.
   """
   denominators = minibatch_denominators(batch, rl)
+  if rl.loss.max_len is None:  # The norm aggregation's L stays R when a micro-batch is trimmed.
+    rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, max_len=response_len))
+  if buckets and num_micro > 1:
+    batch, _ = _order_by_length(batch, num_micro, group_size, response_len)
   micro = jax.tree.map(lambda x: _split_micro(x, num_micro, group_size), batch)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def micro_grad(mb, r):
+    (_, metrics), g = grad_fn(state.params, graphdef, mb, rl, r, denominators, temperature,
+                              frozen, lm_head_chunk, group_size)
+    return g, metrics
+
   def accumulate(grads, mb):
-    (_, metrics), g = grad_fn(state.params, graphdef, mb, rl, response_len, denominators,
-                              temperature, frozen, lm_head_chunk, group_size)
+    g, metrics = _trimmed(micro_grad, mb, response_len, buckets)
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)

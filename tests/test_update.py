@@ -255,3 +255,208 @@ def test_plan_remat_only_when_nothing_fits_and_explicit_wins():
                                budget=(2 * GiB, "test", True))
   assert per_dev.microbatch % 8 == 0 and per_dev.state_bytes < 1 * GiB
   assert "micro-batch" in roomy.describe(64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several minibatches per step: whole groups shuffled, the shared prefix still applies
+# ----------------------------------------------------------------------------------------------
+
+
+def test_group_shuffle_is_a_permutation_of_whole_groups():
+  """With a group size every minibatch holds whole groups (G contiguous rows, in order) and the
+  minibatches together hold each row once; without one, the row shuffle is what it always was."""
+  key = jax.random.PRNGKey(3)
+  rows = update.minibatch_indices(key, 8 * G, 2 * G, G)
+  assert rows.shape == (4, 2 * G)
+  np.testing.assert_array_equal(np.sort(rows.reshape(-1)), np.arange(8 * G))
+  blocks = rows.reshape(-1, G)  # Each run of G rows is one group, in order.
+  np.testing.assert_array_equal(blocks % G, np.broadcast_to(np.arange(G), blocks.shape))
+  np.testing.assert_array_equal(blocks // G, np.broadcast_to(blocks[:, :1] // G, blocks.shape))
+  assert list(blocks[:, 0] // G) != list(range(8))  # The groups really are shuffled.
+  np.testing.assert_array_equal(update.minibatch_indices(key, 8 * G, 2 * G),
+                                np.asarray(jax.random.permutation(key, 8 * G)).reshape(4, 2 * G))
+  with pytest.raises(ValueError, match="group_size"):
+    update.minibatch_indices(key, 8 * G, 6, G)
+
+
+@pytest.mark.parametrize("kind", ["full", "sharded_lora"])
+def test_shared_prefix_equals_plain_over_minibatches_and_epochs(kind):
+  """2 epochs x 2 minibatches (whole groups, shuffled per epoch) x 2 micro-batches with AdamW:
+  every step's metrics and the final params of the shared-prefix path equal the plain path's on
+  the same split, unsharded and on the 8-device mesh with LoRA."""
+  if "lora" in kind:
+    graphdef, params, frozen = _lora_model()
+    vocab = tiny_config("llama3").vocab_size
+  else:
+    graphdef, params = _tiny()
+    frozen, vocab = None, 96
+  n_groups, minibatch = 8, 4 * G
+  batch = _off_policy(_batch(vocab, seed=5, n_groups=n_groups), 4)
+  batch["ref_logp"] = batch["old_logp"] + 0.1
+  tx = update.make_optimizer(update.OptimConfig(learning_rate=3e-3, warmup_steps=0), 8)
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  put = lambda tree: tree
+  if kind.startswith("sharded"):
+    from grpo_jax import sharding
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2))
+    put = lambda tree: {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
+                        for k, v in tree.items()}
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state))
+  steps = {g: _step_fn(graphdef, _rl(), tx, frozen, 2, g) for g in (None, G)}
+  states = {g: jax.tree.map(jnp.copy, state) for g in steps}
+  for epoch in range(2):
+    rows = update.minibatch_indices(jax.random.PRNGKey(epoch), n_groups * G, minibatch, G)
+    for idx in rows:
+      mb = put(jax.tree.map(lambda x: x[idx], batch))
+      metrics = {}
+      for g, step in steps.items():
+        states[g], metrics[g] = step(states[g], mb)
+      for key in metrics[None]:
+        np.testing.assert_allclose(metrics[G][key], metrics[None][key], rtol=2e-5, atol=1e-6,
+                                   err_msg=f"epoch {epoch}: {key}")
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(states[None].params),
+                                                            jax.tree.leaves(params)))
+  assert moved > 1e-3  # The params did move (4 AdamW steps).
+  for a, b in zip(jax.tree.leaves(states[G].params), jax.tree.leaves(states[None].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_step_metrics_keep_extremes():
+  """The metrics row of a step with several optimizer updates: max of `*_max`, min of `*_min`,
+  mean of the rest (train._flush writes them)."""
+  from grpo_jax import train
+
+  class Writer:
+    def write(self, step, row):
+      self.row = (step, row)
+
+  upd = [{"ratio_max": jnp.float32(1.5), "ratio_min": jnp.float32(0.5), "loss": jnp.float32(1.0),
+          "kl": jnp.float32(0.2)},
+         {"ratio_max": jnp.float32(3.0), "ratio_min": jnp.float32(0.25), "loss": jnp.float32(2.0),
+          "kl": jnp.float32(0.4)},
+         {"ratio_max": jnp.float32(1.0), "ratio_min": jnp.float32(0.75), "loss": jnp.float32(3.0),
+          "kl": jnp.float32(0.6)}]
+  writer = Writer()
+  out = train._flush(writer, (7, {"reward/mean": jnp.float32(0.5)}, upd, {"time/step_s": 1.0}))
+  assert writer.row[0] == 7 and writer.row[1] is out
+  assert out["update/ratio_max"] == 3.0 and out["update/ratio_min"] == 0.25
+  np.testing.assert_allclose([out["update/loss"], out["kl"]], [2.0, 0.4], rtol=1e-6)
+  assert out["reward/mean"] == 0.5 and out["time/step_s"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses trimmed to their real lengths: micro-batches by length, each in its own bucket
+# ----------------------------------------------------------------------------------------------
+
+RT, BUCKETS = 12, (4, 8, 12)  # a longer response budget and its trimmed lengths
+# Longest response of each group (rows of a group are shorter or equal): one row runs to RT,
+# two end one token past a bucket (a trim one token short would cut them).
+GROUP_LENGTHS = (5, 12, 9, 2)
+
+
+def _ragged_batch(vocab=96, seed=0, lengths=GROUP_LENGTHS):
+  """Groups whose responses end at very different positions; random tokens, old and reference
+  log-probs in the padding (which must not matter)."""
+  rng = np.random.RandomState(seed)
+  n_groups = len(lengths)
+  n = n_groups * G
+  prompt = rng.randint(1, vocab, (n_groups, P))
+  pmask = np.ones((n_groups, P), np.int32)
+  pmask[1, :3] = 0
+  rmask = np.zeros((n, RT), np.int32)
+  for b, length in enumerate(lengths):
+    for i in range(G):
+      rmask[b * G + i, :length if i == 1 else rng.randint(1, length + 1)] = 1
+  tokens = np.concatenate([np.repeat(prompt, G, 0), rng.randint(1, vocab, (n, RT))], 1)
+  attn = np.concatenate([np.repeat(pmask, G, 0), rmask], 1)
+  loss_mask = rmask.astype(np.float32)
+  loss_mask[5] = 0
+  old = rng.normal(-4.6, 0.5, (n, RT))
+  return {
+      "tokens": jnp.asarray(tokens, jnp.int32), "attn_mask": jnp.asarray(attn, jnp.int32),
+      "loss_mask": jnp.asarray(loss_mask), "kl_mask": jnp.asarray(rmask, jnp.float32),
+      "advantages": jnp.asarray(rng.normal(size=n), jnp.float32),
+      "old_logp": jnp.asarray(old, jnp.float32), "ref_logp": jnp.asarray(old + 0.1, jnp.float32),
+  }
+
+
+def test_response_buckets():
+  assert update.response_buckets(128) == (16, 32, 64, 128)
+  assert update.response_buckets(48) == (16, 32, 48)
+  assert update.response_buckets(5) == (5,)
+  assert update.response_buckets(1000)[-1] == 1000 and len(update.response_buckets(1000)) == 4
+
+
+@pytest.mark.parametrize("group", [None, G])
+def test_micro_batches_by_length_pick_their_own_bucket(group):
+  """Micro-batches (whole groups with G) come shortest first, each trimmed to the smallest
+  bucket that holds its longest response; a batch of equal lengths is not reordered."""
+  batch = _ragged_batch()
+  k = 4
+  ordered, rows = update._order_by_length(batch, k, group, RT)
+  np.testing.assert_array_equal(np.sort(np.asarray(rows)), np.arange(len(rows)))
+  micro = jax.tree.map(lambda x: update._split_micro(x, k, group), ordered)
+  if group:  # Whole groups, in order.
+    blocks = np.asarray(update._split_micro(rows, k, group)).reshape(-1, G)
+    np.testing.assert_array_equal(blocks % G, np.broadcast_to(np.arange(G), blocks.shape))
+  chosen = [int(update._trimmed(lambda b, r: jnp.int32(r), jax.tree.map(lambda x: x[j], micro),
+                                RT, BUCKETS)) for j in range(k)]
+  assert chosen == ([4, 8, 12, 12] if group else [4, 4, 8, 12]), chosen
+  full = dict(batch, attn_mask=batch["attn_mask"].at[:, P:].set(1))
+  np.testing.assert_array_equal(update._order_by_length(full, k, group, RT)[1],
+                                np.arange(len(rows)))
+
+
+@pytest.mark.parametrize("kind", ["full", pytest.param("sharded_lora", marks=pytest.mark.slow)])
+def test_trimmed_update_equals_untrimmed(kind):
+  """On ragged responses, the update with micro-batches ordered by length and trimmed to buckets
+  gives the untrimmed update's gradients, metrics and old/ref log-probs, shared prefix and plain
+  (1 device; 8 devices with LoRA); with every response at full length, the same numbers."""
+  if "lora" in kind:
+    graphdef, params, frozen = _lora_model()
+    vocab = tiny_config("llama3").vocab_size
+  else:
+    graphdef, params = _tiny()
+    frozen, vocab = None, 96
+  tx = _grad_keeper()
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  ragged = _ragged_batch(vocab, seed=2)
+  full = _ragged_batch(vocab, seed=2, lengths=(RT,) * 4)
+  full["attn_mask"] = full["attn_mask"].at[:, P:].set(1)
+  full["loss_mask"] = full["loss_mask"].at[:, :].set(1.0)
+  if kind.startswith("sharded"):
+    from grpo_jax import sharding
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    put = lambda b: {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
+                     for k, v in b.items()}
+    ragged, full = put(ragged), put(full)
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state))
+  rl = _rl()
+
+  def step(group, buckets, num_micro):
+    return jax.jit(lambda s, b: update.train_step(
+        s, b, frozen, graphdef=graphdef, tx=tx, rl=rl, response_len=RT, num_micro=num_micro,
+        temperature=0.7, group_size=group, buckets=buckets))
+
+  logp = jax.jit(lambda p, b, g, buckets: update.batched_response_logprobs(
+      graphdef, p, b["tokens"], b["attn_mask"], RT, microbatch=G, temperature=0.7,
+      frozen=frozen, group_size=g, buckets=buckets), static_argnums=(2, 3))
+  for group in (None, G):
+    num_micro = 4 if group else 2  # Plain: 8 rows (2 per device on the mesh) per micro-batch.
+    untrimmed, trimmed = step(group, None, num_micro), step(group, BUCKETS, num_micro)
+    for batch in (ragged, full):
+      want_state, want = untrimmed(state, batch)
+      got_state, got = trimmed(state, batch)
+      leaves = jax.tree.leaves(want_state.opt_state)
+      assert max(float(np.max(np.abs(g))) for g in leaves) > 1e-3  # gradients flow
+      for a, b in zip(jax.tree.leaves(got_state.opt_state), leaves):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+      assert set(got) == set(want)
+      for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+      np.testing.assert_allclose(logp(params, batch, group, BUCKETS),
+                                 logp(params, batch, group, None), rtol=1e-5, atol=1e-5)
