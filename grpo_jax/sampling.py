@@ -33,7 +33,7 @@ rest keep their order) and, when the slots were used up, to a cache of twice the
 step costs what its live rows (plus under 1/4 padding rows) and filled slots cost: decode time
 follows the tokens generated, not rows x the longest row, and not the slots preallocated.
 `generate(compact=False)` is the same decode as one program over all rows and P_bucket + R slots
-(same tokens; for tests and compiled-memory analysis). Inside a call, each step samples one token
+(the same draws; for tests and compiled-memory analysis). Inside a call, each step samples one token
 per working row, writes it into column t of the [N, R] outputs (a scatter of M entries) and feeds
 it through the model at cache slot P_bucket + t; rows that finished inside the call ride along
 at mask 0 and write invalid slots that no query reads. Every sampled token, the last included, is
@@ -50,7 +50,13 @@ top-p over what top-k kept (1.0 = off; HF's warper order), then one inverse-CDF 
 no argmax over the vocabulary). The uniform of output row n at step t is
 `uniform(fold_in(rng, t), [N])[n]`: with `jax_threefry_partitionable` it does not depend on how the
 batch is sharded or which rows are still working, so 1 device and 8 devices, and compacted and
-one-program decodes, give the same tokens.
+one-program decodes, draw with the same uniforms. Their tokens are the same up to float32
+rounding: attention over a different number of cache slots sums in another order, the logits
+move by ~1e-5, and now and then that moves a cumulative-probability boundary past a row's uniform.
+On the tiny test models they are identical (tests/test_sampling.py); on SmolLM2-135M-Instruct
+(2026-11-29) 1 of 6 rows x 40 tokens split at token 37, and 4 of 32 rows x 64 tokens, each at a
+token of probability < 1e-5, with log-probs equal to 3.6e-5 before the split; the old, one-chunk-
+per-8-steps code splits on the same rows at the same steps.
 
 Sharding: with `mesh`, prompts and outputs are sharded over the batch axes
 (`grpo_jax.sharding.batch_sharding`), the cache like the activations (`cache_logical_axes`),
@@ -659,7 +665,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_ids: jax.Array, prompt_
     mesh: the training mesh; prompts and outputs are sharded over its batch axes.
     bucket: left-pad P to `bucket_length(P)` so that varying prompt lengths share compiles.
     compact: decode in chunks that drop finished rows and hold only the slots read so far (see
-      the module docstring); False runs one program over all rows and P + R slots (same tokens,
+      the module docstring); False runs one program over all rows and P + R slots (same draws,
       for tests and memory analysis).
 
   Returns:
