@@ -145,18 +145,22 @@ def _step_fn(graphdef, rl, tx, frozen, num_micro, group_size):
       temperature=0.7, group_size=group_size))
 
 
+def _model_for(kind):
+  """(graphdef, params, frozen, vocab) of the tiny model, with LoRA adapters when kind says so."""
+  if "lora" in kind:
+    graphdef, params, frozen = _lora_model()
+    return graphdef, params, frozen, tiny_config("llama3").vocab_size
+  graphdef, params = _tiny()
+  return graphdef, params, None, 96
+
+
 @pytest.mark.parametrize("kind", ["full", pytest.param("lora", marks=pytest.mark.slow),
                                   "sharded_lora"])
 def test_shared_prefix_equals_plain(kind):
   """Log-probs, entropies, old/ref log-probs, loss, gradients, the updated params and every metric
   of the shared-prefix path equal the plain path's (float32 tolerance): unsharded and on the
   8-device mesh, full fine-tuning and LoRA, with 2 micro-batches of whole groups."""
-  if "lora" in kind:
-    graphdef, params, frozen = _lora_model()
-    vocab = tiny_config("llama3").vocab_size
-  else:
-    graphdef, params = _tiny()
-    frozen, vocab = None, 96
+  graphdef, params, frozen, vocab = _model_for(kind)
   batch = _off_policy(_batch(vocab, seed=3, n_groups=4), 2)
   batch["ref_logp"] = batch["old_logp"] + 0.1
   rl = _rl()
@@ -284,12 +288,7 @@ def test_shared_prefix_equals_plain_over_minibatches_and_epochs(kind):
   """2 epochs x 2 minibatches (whole groups, shuffled per epoch) x 2 micro-batches with AdamW:
   every step's metrics and the final params of the shared-prefix path equal the plain path's on
   the same split, unsharded and on the 8-device mesh with LoRA."""
-  if "lora" in kind:
-    graphdef, params, frozen = _lora_model()
-    vocab = tiny_config("llama3").vocab_size
-  else:
-    graphdef, params = _tiny()
-    frozen, vocab = None, 96
+  graphdef, params, frozen, vocab = _model_for(kind)
   n_groups, minibatch = 8, 4 * G
   batch = _off_policy(_batch(vocab, seed=5, n_groups=n_groups), 4)
   batch["ref_logp"] = batch["old_logp"] + 0.1
@@ -414,12 +413,7 @@ def test_trimmed_update_equals_untrimmed(kind):
   """On ragged responses, the update with micro-batches ordered by length and trimmed to buckets
   gives the untrimmed update's gradients, metrics and old/ref log-probs, shared prefix and plain
   (1 device; 8 devices with LoRA); with every response at full length, the same numbers."""
-  if "lora" in kind:
-    graphdef, params, frozen = _lora_model()
-    vocab = tiny_config("llama3").vocab_size
-  else:
-    graphdef, params = _tiny()
-    frozen, vocab = None, 96
+  graphdef, params, frozen, vocab = _model_for(kind)
   tx = _grad_keeper()
   state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
                             rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
