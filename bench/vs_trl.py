@@ -1,36 +1,63 @@
-r"""End-to-end GRPO step time: grpo_jax against TRL's `GRPOTrainer`, same model, data and settings.
+r"""End-to-end GRPO step time: grpo_jax against TRL's `GRPOTrainer` and Tunix's `GRPOLearner`.
 
   python bench/vs_trl.py                          # B=4 prompts, G=8, P=32, R=32, 2 rounds
   python bench/vs_trl.py --group 16 --rounds 3 --steps 6
-  # The real model (SmolLM2-135M-Instruct folder), issue 18's two settings:
-  python bench/vs_trl.py --real --batch 4 --group 4 --prompt-len 96 --new-tokens 48
-  python bench/vs_trl.py --real --batch 4 --group 8 --prompt-len 256 --new-tokens 128 --natural
+  # The real model (SmolLM2-135M-Instruct folder), issue 18's two settings, all three trainers:
+  python bench/vs_trl.py --real --impls jax,trl,tunix --batch 4 --group 4 --prompt-len 96 \
+      --new-tokens 48 --steps 2 --warmup 1 --rounds 2
+  python bench/vs_trl.py --real --impls jax,trl,tunix --batch 2 --group 8 --prompt-len 256 \
+      --new-tokens 128 --natural --steps 2 --warmup 1 --rounds 2
 
-`--real` loads the cached SmolLM2-135M-Instruct folder (its weights and tokenizer) in both
-workers instead of writing a random model; `--model-path DIR` any HF folder. `--natural` lets
+`--real` loads the cached SmolLM2-135M-Instruct folder (its weights and tokenizer) in every
+worker instead of writing a random model; `--model-path DIR` any HF folder. `--natural` lets
 responses stop at the tokenizer's EOS (ours: the trainer's stop tokens; TRL: no
-`min_new_tokens`), R becomes the cap: lengths are the model's own.
+`min_new_tokens`; Tunix: its sampler's EOS), R becomes the cap: lengths are the model's own, so
+the frameworks generate different numbers of tokens (the table reports them per step).
 
-What is compared. One small Qwen2-shaped decoder (q/k/v bias, tied embeddings, GQA) with random
-weights is built with grpo_jax and written with `grpo_jax.models.save_pretrained`, together with
-the built-in tiny tokenizer, into one folder; both trainers load that folder (ours through
-`train.init_state` with `model.path=<folder>`, TRL through `AutoModelForCausalLM.from_pretrained`).
-Both then run GRPO steps on the same B fixed prompts (equal token lengths, so nobody pads), G
-responses per prompt of exactly R tokens (ours: no stop token; TRL: `min_new_tokens=R`),
-temperature 1 with top-k / top-p off, the same trivial reward function (below), group-normalised
-advantages (r - mean) / (std + 1e-4) with the unbiased std (TRL `scale_rewards="group"`), the
-token-mean clipped surrogate over the whole batch (TRL `loss_type="dapo"`, ours
-`agg_mode="token-mean"`), KL beta = 0, one epoch and one minibatch per step (on-policy: both skip
-the old-policy forward), AdamW (lr 1e-5 constant, no warm-up, betas 0.9/0.999, eps 1e-8, no weight
-decay, global-norm clip 1.0), float32, no gradient checkpointing, one optimizer step per rollout.
-TRL runs with `use_vllm=False` (transformers `generate`), on CPU.
+`--impls` picks the workers and their order in each round (jax first: it writes the parity batch).
+Tunix (`google-tunix` 0.1.7, JAX) runs in its own virtual environment, never in the CI one
+(`--tunix-python`, default /work/venvs/tunix/bin/python, or $TUNIX_PYTHON), made with
+  python3 -m venv /work/venvs/tunix
+  /work/venvs/tunix/bin/pip install -c constraints.txt jax flax optax orbax-checkpoint \
+      transformers safetensors numpy
+  /work/venvs/tunix/bin/pip install --no-deps google-tunix==0.1.7
+  /work/venvs/tunix/bin/pip install -c constraints.txt google-metrax jaxtyping sentencepiece \
+      perfetto pandas pillow jinja2
+(same jax/flax pins as ours; its declared safetensors<0.8 is not needed for this path). The
+Tunix worker builds its Llama3 model from the same safetensors (`llama3.params.
+create_model_from_safe_tensors`, tied embeddings, float32), one `RLCluster` with actor, rollout
+and reference on one CPU device (colocated: the rollout shares the actor's weights, no sync, no
+reference model at beta 0), the vanilla rollout engine (its `Sampler`: KV cache of P + R slots,
+every prompt repeated G times and prefilled G times) and `GRPOLearner` with
+`loss_agg_mode="token-mean"`, one mini-batch = one micro-batch = the B prompts (one optimizer
+step per rollout, B*G rows at once). Differences that remain: Tunix's advantages divide by
+std + 1e-6 (ours and TRL's 1e-4); its completion mask ends before the EOS (pad = EOS for
+SmolLM2) where ours and TRL's include it; its forced-length mode is a stop id outside the
+vocabulary. Two fixes make it run the same model: its Llama3 attention ignores the config's
+rope_theta (always 1e6; SmolLM2's is 1e5), so the worker binds the config's value into
+`apply_rope`; and its sampler prepends the tokenizer's BOS to every prompt, so the worker hands it
+a tokenizer without one (our prompts and TRL's have none).
 
-How it is timed. Each framework runs in its own subprocess (their thread pools would fight) with the
-same thread count (`--threads`: torch.set_num_threads, OMP/MKL threads; XLA:CPU's pool is the
+What is compared (without `--real`). One small Qwen2-shaped decoder (q/k/v bias, tied embeddings,
+GQA) with random weights is built with grpo_jax and written with `grpo_jax.models.save_pretrained`,
+together with the built-in tiny tokenizer, into one folder; both trainers load that folder (ours
+through `train.init_state` with `model.path=<folder>`, TRL through
+`AutoModelForCausalLM.from_pretrained`). Both then run GRPO steps on the same B fixed prompts
+(equal token lengths, so nobody pads), G responses per prompt of exactly R tokens (ours: no stop
+token; TRL: `min_new_tokens=R`), temperature 1 with top-k / top-p off, the same trivial reward
+function (below), group-normalised advantages (r - mean) / (std + 1e-4) with the unbiased std (TRL
+`scale_rewards="group"`), the token-mean clipped surrogate over the whole batch (TRL
+`loss_type="dapo"`, ours `agg_mode="token-mean"`), KL beta = 0, one epoch and one minibatch per
+step (on-policy: both skip the old-policy forward), AdamW (lr 1e-5 constant, no warm-up, betas
+0.9/0.999, eps 1e-8, no weight decay, global-norm clip 1.0), float32, no gradient checkpointing,
+one optimizer step per rollout. TRL runs with `use_vllm=False` (transformers `generate`), on CPU.
+
+How it is timed. Each framework runs in its own subprocess (their thread pools would fight) with
+the same thread count (`--threads`: torch.set_num_threads, OMP/MKL threads; XLA:CPU's pool is the
 process's CPU count, which `os.sched_setaffinity` pins to the same number of cores). Rounds
-alternate jax, trl, jax, trl, ... so a change in the machine's load hits both. In each worker the
-first `--warmup` steps (our compiles, torch's first-call costs) are dropped, then `--steps` steps
-are timed; the report gives the median over all rounds. The split:
+alternate jax, trl, tunix, jax, trl, tunix, ... so a change in the machine's load hits all. In each
+worker the first `--warmup` steps (our compiles, torch's first-call costs) are dropped, then
+`--steps` steps are timed; the report gives the median over all rounds. The split:
   generation  ours: `sampling.generate` until the tokens are on the host.
               TRL: `GRPOTrainer._generate` (tokenise prompts, transformers generate, unpad).
   scoring     ours: decode text, reward function, `train.assemble_batch` (advantages, masks).
@@ -44,8 +71,14 @@ overlaps the end of an update with the next step's dispatch; blocking costs us, 
 Parity (a benchmark of the wrong computation is worth nothing): the jax worker of the first round
 writes its first rollout batch (tokens, masks, advantages) with its per-token log-probs and loss
 under the initial weights; the TRL worker computes `_get_per_token_logps_and_entropies` and
-`_compute_loss` on the same batch under the same weights before training, and the report gives
-the largest differences (tests/test_bench_parity.py checks the same on a tiny model).
+`_compute_loss` on the same batch under the same weights before training, the Tunix worker its
+`common.compute_per_token_logps`, and the report gives the largest differences
+(tests/test_bench_parity.py checks the TRL side on a tiny model).
+
+Tunix's phases: generation = `RLCluster.generate` (tokenise, sample, detokenise); scoring = the
+rest of `GRPOLearner._generate_and_compute_advantage` (masks, rewards, advantages); update = the
+rest of its global step (the jitted train step over the B*G rows + AdamW), with a block on the
+actor's weights at the end of each step.
 
 The reward (shared, pure Python): the fraction of completion characters that are digits, so
 groups have spread and the advantages are not all zero.
@@ -577,6 +610,8 @@ def main():
   p.add_argument("--tunix-python", default=os.environ.get("TUNIX_PYTHON",
                                                           "/work/venvs/tunix/bin/python"),
                  help="python of the separate venv with google-tunix (for --impls ...,tunix)")
+  p.add_argument("--from-log", help="print the table of a run's log instead (pass its "
+                 "--warmup and settings; rounds are counted from the log)")
   p.add_argument("--worker", choices=["jax", "trl", "tunix"])
   p.add_argument("--path")
   p.add_argument("--parity-out")
@@ -589,6 +624,9 @@ def main():
     print(json.dumps(result))
     return
 
+  if args.from_log:
+    from_log(args)
+    return
   if args.real and not args.model_path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode_step import model_dir
@@ -621,8 +659,29 @@ def main():
         if r.get("parity"):
           parity[names[kind]] = r["parity"]
         print(json.dumps({"round": rnd, "impl": names[kind], "peak_rss_mb": r["peak_rss_mb"],
-                          "records": r["records"]}), flush=True)
+                          "parity": r.get("parity"), "records": r["records"]}), flush=True)
+  report(args, info, results, parity)
 
+
+def from_log(args) -> None:
+  """The table from the per-round lines of a run's log (a run stopped before its last round)."""
+  results, parity, info = {}, {}, {"params": 0}
+  with open(args.from_log) as f:
+    for line in f:
+      if not line.startswith("{"):
+        continue
+      rec = json.loads(line)
+      if "model" in rec:
+        info = rec["model"]
+      elif "round" in rec:
+        results.setdefault(rec["impl"], []).append(rec)
+        if rec.get("parity"):
+          parity[rec["impl"]] = rec["parity"]
+  args.rounds = max(len(v) for v in results.values())
+  report(args, info, results, parity)
+
+
+def report(args, info: dict, results: dict, parity: dict) -> None:
   summary = summarise(results, args.warmup)
   if args.json:
     with open(args.json, "w") as f:
