@@ -550,12 +550,19 @@ def _safetensors_params(path: str) -> int:
   return n
 
 
+def _warmup(args, kind: str) -> int:
+  """Untimed steps of a worker: --warmup-trl for TRL (no compile: its first step is no slower)."""
+  if kind == "trl" and args.warmup_trl is not None:
+    return args.warmup_trl
+  return args.warmup
+
+
 def _spawn(kind: str, args, extra: list[str]) -> dict:
   python = args.tunix_python if kind == "tunix" else sys.executable
   cmd = [python, os.path.abspath(__file__), "--worker", kind, "--path", args.path,
          "--batch", str(args.batch), "--group", str(args.group),
          "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-         "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--steps", str(args.steps), "--warmup", str(_warmup(args, kind)),
          "--threads", str(args.threads)] + (["--natural"] if args.natural else []) + extra
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, not the test suite's eight.
@@ -573,11 +580,12 @@ def _spawn(kind: str, args, extra: list[str]) -> dict:
   return out
 
 
-def summarise(results: dict[str, list[dict]], warmup: int) -> dict[str, dict[str, float]]:
-  """Median of each phase over every timed step of every round."""
+def summarise(results: dict[str, list[dict]], warmup) -> dict[str, dict[str, float]]:
+  """Median of each phase over every timed step of every round (`warmup`: int or per name)."""
   out = {}
   for name, runs in results.items():
-    timed = [r for run in runs for r in run["records"][warmup:]]
+    w = warmup[name] if isinstance(warmup, dict) else warmup
+    timed = [r for run in runs for r in run["records"][w:]]
     out[name] = {k: statistics.median(r[k] for r in timed)
                  for k in ("generation", "scoring", "update", "total")}
     out[name]["n"] = len(timed)
@@ -596,6 +604,8 @@ def main():
   p.add_argument("--new-tokens", type=int, default=32, help="response tokens R")
   p.add_argument("--steps", type=int, default=5, help="timed steps per worker")
   p.add_argument("--warmup", type=int, default=2, help="untimed first steps per worker")
+  p.add_argument("--warmup-trl", type=int, default=None,
+                 help="untimed first steps of the TRL worker (default: --warmup)")
   p.add_argument("--rounds", type=int, default=2, help="jax/trl worker pairs, alternated")
   p.add_argument("--threads", type=int, default=2, help="threads/cores per worker (0: all)")
   p.add_argument("--layers", type=int, default=4)
@@ -682,7 +692,7 @@ def from_log(args) -> None:
 
 
 def report(args, info: dict, results: dict, parity: dict) -> None:
-  summary = summarise(results, args.warmup)
+  summary = summarise(results, {name: _warmup(args, name) for name in results})
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"args": vars(args), "model": info, "summary": summary, "parity": parity,
