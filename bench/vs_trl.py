@@ -704,7 +704,7 @@ def report(args, info: dict, results: dict, parity: dict) -> None:
     with open(args.json, "w") as f:
       json.dump({"args": vars(args), "model": info, "summary": summary, "parity": parity,
                  "raw": results}, f, indent=1)
-  ours = summary["grpo_jax"]
+  ours = summary.get("grpo_jax") or next(iter(summary.values()))
   print(f"\nB={args.batch} G={args.group} P={args.prompt_len} R={args.new_tokens} "
         f"natural={args.natural} model={info.get('path', 'random')} "
         f"params={info['params']:,} threads={args.threads} rounds={args.rounds} "
@@ -717,7 +717,7 @@ def report(args, info: dict, results: dict, parity: dict) -> None:
           f"{s['update']:.3f} | {s['first_step']:.2f} | {s['total_spread'][0]:.2f}–"
           f"{s['total_spread'][1]:.2f} | {s['peak_rss_mb']:.0f} | {s['tokens']:.0f} |")
   for name, s in summary.items():
-    if name != "grpo_jax":
+    if name != "grpo_jax" and "grpo_jax" in summary:
       print(f"| {name} / grpo_jax | {s['total'] / ours['total']:.2f}× | "
             f"{s['generation'] / ours['generation']:.2f}× | "
             f"{s['scoring'] / ours['scoring']:.1f}× | {s['update'] / ours['update']:.2f}× "
