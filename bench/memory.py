@@ -216,7 +216,7 @@ def trl_step_worker(args) -> dict:
 
   torch.manual_seed(0)
   ns = argparse.Namespace(path=args.model_dir, batch=8, group=8, new_tokens=96, prompt_len=128,
-                          warmup=0, steps=1)
+                          warmup=0, steps=1, natural=False)
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
   prompts = vs_trl.make_prompts(8, 128, tokenizer)
   with tempfile.TemporaryDirectory() as out_dir:
@@ -260,6 +260,7 @@ def main():
   p.add_argument("--naive", action="store_true")
   p.add_argument("--grpo-step", action="store_true", help="peak RSS of one GRPO step (SmolLM2)")
   p.add_argument("--trl", action="store_true", help="with --grpo-step: TRL's too")
+  p.add_argument("--no-ours", action="store_true", help="with --grpo-step --trl: TRL's only")
   p.add_argument("--model-dir", default="", help="SmolLM2-135M-Instruct folder (default: cached)")
   p.add_argument("--step-worker", choices=("jax", "trl"))
   args = p.parse_args()
@@ -278,8 +279,8 @@ def main():
         model_dir = real_model.smollm2_dir()
       except ImportError:  # Until grpo_jax.testing.real_model lands: the cached folder.
         model_dir = os.path.expanduser("~/.cache/grpo_jax/SmolLM2-135M-Instruct")
-    rows = [spawn_grpo_step(model_dir)] + ([spawn_grpo_step(model_dir, trl=True)]
-                                            if args.trl else [])
+    rows = ([] if args.no_ours else [spawn_grpo_step(model_dir)]) + (
+        [spawn_grpo_step(model_dir, trl=True)] if args.trl else [])
     for r in rows:
       print(json.dumps(r), flush=True)
     if args.json:
