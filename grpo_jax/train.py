@@ -1158,6 +1158,23 @@ def failure_message(e: BaseException, workdir: str) -> str | None:
   return None
 
 
+def _drop_closed_loop_callbacks(hook):
+  """An unraisable-exception hook that drops "Event loop is closed" and passes the rest to `hook`.
+
+  When an async checkpoint save fails (a full disk), Orbax closes the save's asyncio loop while
+  TensorStore writes of the same save are still in flight; each one completes on a TensorStore
+  thread, calls `loop.call_soon_threadsafe` on the closed loop, and the RuntimeError is printed as
+  a bare traceback (an unraisable exception without an object) before the run's one error line.
+  The save's failure itself is reported by the loop.
+  """
+  def drop(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    hook(unraisable)
+  return drop
+
+
 def _quiet_libraries(verbose: bool) -> None:
   """Library INFO chatter (Orbax writes ~50 lines per save) off unless --verbosity is given."""
   if verbose:
@@ -1169,8 +1186,14 @@ def _quiet_libraries(verbose: bool) -> None:
   logging.get_absl_handler().addFilter(
       lambda record: "/orbax/" not in record.pathname.replace(os.sep, "/")
       or record.levelno >= py_logging.CRITICAL)
+  # The same failed save's other write tasks are garbage-collected at exit with their errors
+  # unread; asyncio logs each ("Task exception was never retrieved", the task's Orbax coroutine
+  # named in the message) after the run's one line.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.name != "asyncio" or "/orbax/" not in record.getMessage())
   for name in ("absl", "orbax", "jax", "grain", "transformers", "tensorflow_datasets"):
     py_logging.getLogger(name).setLevel(py_logging.WARNING)
+  sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import transformers
