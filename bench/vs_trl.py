@@ -101,6 +101,17 @@ LR = 1e-5
 ADV_EPS = 1e-4  # TRL's (r - mean) / (std + 1e-4).
 
 
+
+def _phase_timer(phase: dict, name: str, fn):
+  """`fn` wrapped to add its wall time to phase[name] (TRL and Tunix return host data: synced)."""
+  def wrapper(*a, **k):
+    t = time.perf_counter()
+    try:
+      return fn(*a, **k)
+    finally:
+      phase[name] += time.perf_counter() - t
+  return wrapper
+
 def digit_fraction_reward(prompts, completions, **kwargs):
   """The shared trivial reward: fraction of the completion's characters that are digits."""
   del prompts, kwargs
@@ -298,15 +309,7 @@ def worker_trl(args) -> dict:
     # Phase timers: wrap the trainer's own methods on this instance.
     phase = {"generation": 0.0, "gen_and_score": 0.0}
 
-    def timed(name, fn):
-      def wrapper(*a, **k):
-        t = time.perf_counter()
-        try:
-          return fn(*a, **k)
-        finally:
-          phase[name] += time.perf_counter() - t
-      return wrapper
-
+    timed = functools.partial(_phase_timer, phase)
     generate = timed("generation", trainer._generate)
 
     def counted_generate(*a, **k):
@@ -472,15 +475,7 @@ def worker_tunix(args) -> dict:
   phase = {"generation": 0.0, "gen_and_score": 0.0}
   records = []
 
-  def timed(name, fn):
-    def wrapper(*a, **k):
-      t = time.perf_counter()
-      try:
-        return fn(*a, **k)
-      finally:
-        phase[name] += time.perf_counter() - t
-    return wrapper
-
+  timed = functools.partial(_phase_timer, phase)
   generate = timed("generation", cluster.generate)
 
   def counted_generate(*a, **k):
