@@ -177,6 +177,28 @@ def test_contiguous_group_size_path_equals_segment_path(estimator, G):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("G", [3, 32])  # column chain / row reduction
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "grpo_no_std"])
+def test_contiguous_all_equal_groups_are_exactly_zero(estimator, G):
+  """The shift keeps all-equal groups at exact 0 (no 1/eps blow-up) at any reward scale."""
+  B = 4
+  r = np.repeat(np.array([0.1, 1e6 + 0.1, -3.7, 1e6], np.float32), G)
+  r[-1] += 1.0  # the last group has one different member: its advantages are not 0
+  ids = np.repeat(np.arange(B), G).astype(np.int32)
+  valid = np.ones(B * G, bool)
+  valid[2 * G] = False  # a padded first member: the shift is then the next valid reward
+  for v in (None, valid):
+    got = np.asarray(adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=v,
+                                                group_size=G))
+    assert np.all(got[:3 * G] == 0.0)
+    want = adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=v)
+    np.testing.assert_allclose(got[3 * G:], np.asarray(want)[3 * G:], rtol=1e-6)
+    assert np.all(got[3 * G:] != 0.0)
+    mean, std, _ = adv_lib.group_stats(r, ids, B, valid=v, group_size=G)
+    np.testing.assert_array_equal(np.asarray(std)[:3], 0.0)
+    np.testing.assert_array_equal(np.asarray(mean)[:3], r[[0, G, 2 * G + 1]])
+
+
 def test_contiguous_group_size_checks_the_ids():
   r = np.zeros(8, np.float32)
   with pytest.raises(ValueError, match="group_ids: with group_size=4"):
