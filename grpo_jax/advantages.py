@@ -71,6 +71,9 @@ Array = jax.Array
 
 # Contiguous groups up to this size reduce as a chain over their columns, larger ones as rows.
 _COLUMN_REDUCE_MAX = 16
+# Contiguous groups from this size materialise their mean/variance from one pass (see
+# `_contiguous_moments`).
+_PACK_MOMENTS_MIN = 8
 
 
 class _Groups:
@@ -82,8 +85,10 @@ class _Groups:
   (The mean/std moments of contiguous groups bypass these: `_contiguous_moments`.)
   """
 
-  def __init__(self, gids_N: Array, num_groups: int, group_size: int | None = None):
+  def __init__(self, gids_N: Array, num_groups: int, group_size: int | None = None,
+               masked: bool = True):
     self.gids_N, self.num_groups, self.group_size = gids_N, num_groups, group_size
+    self.masked = masked  # False: every sample is valid (`valid=None`), known statically.
 
   def _reduce(self, x_N, op, jnp_op):
     x_BxG = x_N.reshape(self.num_groups, self.group_size)
@@ -135,7 +140,7 @@ def _moments(r_N: Array, seg: _Groups, w_N: Array):
   (0 where invalid), mean_g = shift_g + dmean_g and var_g = m2_g / (count_g - ddof).
   """
   if seg.group_size is not None:
-    return _contiguous_moments(r_N, seg.num_groups, seg.group_size, w_N)
+    return _contiguous_moments(r_N, seg.num_groups, seg.group_size, w_N, seg.masked)
   valid_N = w_N > 0
   # Shift by the group max: exact zeros for all-equal groups, and small numbers to square.
   shift_G = seg.max(jnp.where(valid_N, r_N, -jnp.inf))
@@ -151,7 +156,8 @@ def _moments(r_N: Array, seg: _Groups, w_N: Array):
   return count_G, shift_G, dmean_G, m2_G, dev_N
 
 
-def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array):
+def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array,
+                        masked: bool):
   """`_moments` of contiguous equal groups: rewards as [B, G], no [N] intermediate.
 
   The same two-pass statistics, written so that XLA makes two passes over the rewards: one
@@ -191,7 +197,21 @@ def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array
   count_B, s1_B = _chain_sum([w_BxG[:, j] for j in range(G)]), _chain_sum(d_j)
   dmean_B = s1_B / jnp.maximum(count_B, 1.0)
   m2_B = _chain_sum([jnp.where(v, (d - dmean_B) ** 2, 0.0) for d, v in zip(d_j, v_j)])
-  dev_BxG = jnp.where(valid_BxG, (r_BxG - shift_B[:, None]) - dmean_B[:, None], 0.0)
+  if G >= _PACK_MOMENTS_MIN:
+    # Materialise both [B] moments from one pass ([B, 2]). Left to XLA, the output pass
+    # recomputes dmean per group (G scalar adds, cheaper than a third pass at G = 4, but
+    # 1.2-1.5x slower overall at G = 8-16).
+    packed_Bx2 = jax.lax.optimization_barrier(jnp.stack([dmean_B, m2_B], axis=1))
+    dmean_B, m2_B = packed_Bx2[:, 0], packed_Bx2[:, 1]
+  if masked:
+    # With a traced mask, XLA:CPU (jax 0.10.2) miscompiled the broadcast form below at G = 16
+    # inside reinforce_pp_baseline with lengths (a whitened output off by up to 1.8, right with
+    # the HLO pass "fusion" disabled; tests/test_advantages.py caught it). Stacking the columns
+    # computes the same values and compiles right; it costs about 2x at N = 1e6, but the
+    # trainer passes no mask (`valid=None`) and takes the broadcast form.
+    dev_BxG = jnp.stack([jnp.where(v, d - dmean_B, 0.0) for d, v in zip(d_j, v_j)], axis=1)
+  else:
+    dev_BxG = (r_BxG - shift_B[:, None]) - dmean_B[:, None]
   return count_B, shift_B, dmean_B, m2_B, dev_BxG.reshape(-1)
 
 
@@ -456,7 +476,7 @@ def _check_inputs(rewards, group_ids, num_groups, valid, group_size=None):
                        f"repeat(arange(num_groups), group_size) (contiguous equal groups)")
   # Padding may hold anything (NaN included): zero it so that no statistic can see it.
   r = jnp.where(w > 0, r.astype(jnp.float32), 0.0)
-  return r, _Groups(g.astype(jnp.int32), num_groups, group_size), w
+  return r, _Groups(g.astype(jnp.int32), num_groups, group_size, masked=valid is not None), w
 
 
 def compute_advantages(rewards: Any, group_ids: Any, num_groups: int, *, estimator: str = "grpo",

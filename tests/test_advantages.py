@@ -146,7 +146,7 @@ def test_matches_reference_on_random_uneven_shuffled_padded(estimator):
   assert np.all(np.asarray(got)[~valid] == 0)
 
 
-@pytest.mark.parametrize("G", [4, 32])  # column chain / row reduction
+@pytest.mark.parametrize("G", [4, 16, 32])  # column chain / packed moments / row reduction
 @pytest.mark.parametrize("estimator", ALL)
 def test_contiguous_group_size_path_equals_segment_path(estimator, G):
   """group_size=G (reductions of [B, G]) == the segment path == the reference, jitted too."""
@@ -177,7 +177,7 @@ def test_contiguous_group_size_path_equals_segment_path(estimator, G):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("G", [3, 32])  # column chain / row reduction
+@pytest.mark.parametrize("G", [3, 16, 32])  # column chain / packed moments / row reduction
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "grpo_no_std"])
 def test_contiguous_all_equal_groups_are_exactly_zero(estimator, G):
   """The shift keeps all-equal groups at exact 0 (no 1/eps blow-up) at any reward scale."""
