@@ -161,9 +161,10 @@ def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array
   """`_moments` of contiguous equal groups: rewards as [B, G], no [N] intermediate.
 
   The same two-pass statistics, written so that XLA makes two passes over the rewards: one
-  computing the [B] statistics, one writing dev_N (its consumers fuse into it). No
-  optimization_barrier and no [N] array between them: each materialised [N] intermediate
-  costs a write and a read more than the copy floor (bench/advantages.py, BENCHMARKS.md).
+  computing the [B] statistics, one writing dev_N (its consumers fuse into it). No [N] array
+  between them (each one costs a write and a read more than the copy floor) and no barrier on
+  each statistic: through `_Groups.sum/max` the grpo kernel compiled to 4 fusions at G = 4
+  (one writing d as [N]) and 8 at G = 64, now 2 and 1 (bench/advantages.py, BENCHMARKS.md).
 
   For G <= 16 the shift is the group's first valid reward instead of its max: any member gives
   d = 0 exactly for an all-equal group and small d to square; the first one is a select chain
@@ -193,10 +194,14 @@ def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array
   shift_B = jnp.zeros((B,), jnp.float32)
   for j in reversed(range(G)):  # the first valid reward (0 for an empty group)
     shift_B = jnp.where(v_j[j], r_j[j], shift_B)
-  d_j = [jnp.where(v, r - shift_B, 0.0) for r, v in zip(r_j, v_j)]
-  count_B, s1_B = _chain_sum([w_BxG[:, j] for j in range(G)]), _chain_sum(d_j)
+  # d_0 is 0 (the shift is r_0 where member 0 is valid): the chains start at column 1, which
+  # saves XLA the r_0 - r_0 it cannot fold (NaN semantics).
+  d_j = [jnp.where(v, r - shift_B, 0.0) for r, v in zip(r_j[1:], v_j[1:])]
+  count_B = _chain_sum([w_BxG[:, j] for j in range(G)])
+  s1_B = _chain_sum(d_j) if d_j else jnp.zeros((B,), jnp.float32)
   dmean_B = s1_B / jnp.maximum(count_B, 1.0)
-  m2_B = _chain_sum([jnp.where(v, (d - dmean_B) ** 2, 0.0) for d, v in zip(d_j, v_j)])
+  m2_B = _chain_sum([jnp.where(v_j[0], dmean_B * dmean_B, 0.0)] +
+                    [jnp.where(v, (d - dmean_B) ** 2, 0.0) for d, v in zip(d_j, v_j[1:])])
   if G >= _PACK_MOMENTS_MIN:
     # Materialise both [B] moments from one pass ([B, 2]). Left to XLA, the output pass
     # recomputes dmean per group (G scalar adds, cheaper than a third pass at G = 4, but
@@ -209,7 +214,9 @@ def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array
     # the HLO pass "fusion" disabled; tests/test_advantages.py caught it). Stacking the columns
     # computes the same values and compiles right; it costs about 2x at N = 1e6, but the
     # trainer passes no mask (`valid=None`) and takes the broadcast form.
-    dev_BxG = jnp.stack([jnp.where(v, d - dmean_B, 0.0) for d, v in zip(d_j, v_j)], axis=1)
+    dev_j = [jnp.where(v_j[0], -dmean_B, 0.0)]
+    dev_j += [jnp.where(v, d - dmean_B, 0.0) for d, v in zip(d_j, v_j[1:])]
+    dev_BxG = jnp.stack(dev_j, axis=1)
   else:
     dev_BxG = (r_BxG - shift_B[:, None]) - dmean_B[:, None]
   return count_B, shift_B, dmean_B, m2_B, dev_BxG.reshape(-1)
