@@ -17,6 +17,10 @@ the median of `--repeats` runs after one warm-up:
               donated, so nothing can alias); the script checks the compiled text says so.
   before      with `--before REV`: the contiguous path of grpo_jax/advantages.py as it was at
               git revision REV, in the same process, to compare code versions under one load.
+  --parts     also times the pieces of a two-pass kernel, interleaved with the copy: `read`
+              jnp.sum of the rewards (one read of [N], nothing written), `stats` the std of
+              group_stats (group_size=G: the statistics pass, [B] written), `output`
+              ((r - a[g]) - b[g]) * c[g] from given [B] arrays (the output pass alone).
 copy, contiguous and before are timed in interleaved rounds (a burst of 5 calls of each per
 round), so a change of the machine's load hits all three alike and their ratios stay comparable.
 The dict loops run only for N <= --loop-max (default 1e6: at 1e7 one run takes minutes).
@@ -147,6 +151,8 @@ def main():
   parser.add_argument("--loop-repeats", type=int, default=3)
   parser.add_argument("--before", default=None,
                       help="git revision whose contiguous path to time alongside (same run)")
+  parser.add_argument("--parts", action="store_true",
+                      help="also time a read pass, the statistics pass and the output pass")
   args = parser.parse_args()
   sizes = [int(float(s)) for s in args.sizes.split(",")]
   group_sizes = [int(g) for g in args.groups.split(",")]
@@ -163,9 +169,15 @@ def main():
   fn_rows = jax.jit(adv_lib.compute_advantages,
                     static_argnames=("num_groups", "estimator", "group_size"))
   copy = jax.jit(lambda x: x * 1.0)
+  read = jax.jit(jnp.sum)
+  stats = jax.jit(lambda r, ids, num_groups, group_size: adv_lib.group_stats(
+      r, ids, num_groups, group_size=group_size)[1], static_argnames=("num_groups", "group_size"))
+  output = jax.jit(lambda r, a, b, c: ((r.reshape(a.shape[0], -1) - a[:, None]) - b[:, None])
+                   * c[:, None])
   before = load_module_at(args.before) if args.before else None
   fn_before = before and jax.jit(before.compute_advantages,
                                  static_argnames=("num_groups", "estimator", "group_size"))
+  parts = []
   for n in sizes:
     for g in group_sizes:
       num_groups = n // g
@@ -185,8 +197,21 @@ def main():
       if before:
         timed["before"] = lambda: fn_before(r_dev, ids_rows, num_groups=num_groups,
                                             group_size=g).block_until_ready()
+      if args.parts:
+        rng_parts = np.random.default_rng(1)  # leaves `rng`, and so the timed data, as without
+        a_B, b_B, c_B = (jax.device_put(rng_parts.random(num_groups).astype(np.float32))
+                         for _ in range(3))
+        timed["read"] = lambda: read(r_dev).block_until_ready()
+        timed["stats"] = lambda: jax.block_until_ready(
+            stats(r_dev, ids_rows, num_groups=num_groups, group_size=g))
+        timed["output"] = lambda: output(r_dev, a_B, b_B, c_B).block_until_ready()
       t = interleaved_times(timed, args.repeats)
       floor, rows = t["copy"], t["rows"]
+      if args.parts:
+        parts.append(f"| {n_eff:.0e} | {g} | {rows * 1e3:.3f} | {floor * 1e3:.3f} | "
+                     + " | ".join(f"{t[k] * 1e3:.3f} ({t[k] / floor:.1f}x)"
+                                  for k in ("read", "stats", "output"))
+                     + f" | {(t['read'] + t['output']) / floor:.1f}x |")
       before_vals = f"{t['before'] * 1e3:.3f} | {t['before'] / floor:.1f}x | " if before else ""
       np.testing.assert_allclose(
           np.asarray(fn_rows(r_dev, ids_rows, num_groups=num_groups, group_size=g)),
@@ -207,6 +232,11 @@ def main():
             f"{ours * 1e3:.3f} | "
             f"{floor * 1e3:.3f} | {ours / floor:.1f}x | "
             f"{binc * 1e3:.2f} | {loops} |", flush=True)
+  if parts:
+    print("\n| N | G | contiguous (ms) | copy (ms) | read pass (ms, x copy) | statistics pass "
+          "(ms, x copy) | output pass (ms, x copy) | read + output, x copy |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(parts))
 
 
 if __name__ == "__main__":
