@@ -199,6 +199,27 @@ def test_contiguous_all_equal_groups_are_exactly_zero(estimator, G):
     np.testing.assert_array_equal(np.asarray(mean)[:3], r[[0, G, 2 * G + 1]])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("G", [2, 3, 8, 12, 24])  # around the chain / packing / row thresholds
+def test_contiguous_path_equals_segment_path_jitted_at_more_group_sizes(G):
+  """Every estimator, masked or not, jitted: the G-dependent branches of _contiguous_moments."""
+  fn = jax.jit(adv_lib.compute_advantages,
+               static_argnames=("num_groups", "estimator", "group_size"))
+  B = 33
+  rng = np.random.default_rng(G)
+  ids = np.repeat(np.arange(B), G).astype(np.int32)
+  r = rng.random(B * G).astype(np.float32)
+  r[G:2 * G] = 0.5
+  mask = rng.random(B * G) > 0.2
+  for estimator in ALL:
+    for valid in (None, None if estimator == "grpo_passk" else mask):
+      kw = extra_kwargs(estimator, rng, len(r))
+      seg = adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=valid, **kw)
+      rows = fn(r, ids, num_groups=B, estimator=estimator, valid=valid, group_size=G, **kw)
+      np.testing.assert_allclose(rows, seg, rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{estimator}, valid={valid is not None}")
+
+
 def test_contiguous_group_size_checks_the_ids():
   r = np.zeros(8, np.float32)
   with pytest.raises(ValueError, match="group_ids: with group_size=4"):
