@@ -8,9 +8,10 @@ and nothing loops over groups in Python. `num_groups` is static (it sizes the se
 
 The trainer's own layout is the special case of contiguous equal groups, ids =
 `repeat(arange(num_groups), G)` (`grpo_jax.groups`). Pass `group_size=G` and the same statistics
-are row reductions of the rewards reshaped to [num_groups, G]: no scatter, no gather, a few fused
-passes over [N] (bench/advantages.py measures it against a memory copy). Results equal the
-segment path (tests/test_advantages.py).
+are reductions of the rewards reshaped to [num_groups, G]: no scatter, no gather; the mean/std
+estimators make two fused passes over [N], one for the [num_groups] statistics and one for the
+output (`_contiguous_moments`; bench/advantages.py measures it against a memory copy). Results
+equal the segment path (tests/test_advantages.py).
 
 Notation: G_g is the set of *valid* members of group g, n = |G_g|, mean_g and std_g its mean and
 standard deviation; std uses `std_ddof` (1 = unbiased, as `torch.std`, verl and TRL; 0 = population).
@@ -21,8 +22,9 @@ Conventions shared by every estimator (and where peers differ):
   * Groups of one: baseline 0 and std 1, as verl does (`id2mean = 0, id2std = 1`); so `grpo` gives
     r / (1 + eps) and `rloo` gives r. TRL never has such groups (fixed G >= 2).
   * All-equal groups: exactly 0, never NaN. Sums are taken over d_i = r_i - max_g r (a shifted
-    data algorithm): a group of equal rewards has d = 0 exactly, so mean and deviation are exact
-    zeros whatever the magnitude of r, and rewards of 1e6 scale keep their small differences.
+    data algorithm; contiguous groups of G <= 16 shift by their first valid reward instead): a
+    group of equal rewards has d = 0 exactly, so mean and deviation are exact zeros whatever the
+    magnitude of r, and rewards of 1e6 scale keep their small differences.
   * No variance floor: (r - mean) / (std + eps) only. (A vectorised verl variant once used
     sqrt(max(var, eps)) and shrank the advantages of a group {1.0, 1.0001} a hundredfold.)
   * eps: verl and Tunix use 1e-6 (our default), TRL uses 1e-4; pass `eps=1e-4` for TRL parity.
@@ -69,6 +71,9 @@ Array = jax.Array
 
 # Contiguous groups up to this size reduce as a chain over their columns, larger ones as rows.
 _COLUMN_REDUCE_MAX = 16
+# Contiguous groups from this size materialise their mean/variance from one pass (see
+# `_contiguous_moments`).
+_PACK_MOMENTS_MIN = 8
 
 
 class _Groups:
@@ -77,10 +82,13 @@ class _Groups:
   `group_size=None`: ids in any order (`jax.ops.segment_*`, scatters). `group_size=G`: sample i
   belongs to group i // G (ids = repeat(arange(num_groups), G)), so x_N.reshape(num_groups, G)
   holds one group per row and every statistic is a row reduction XLA fuses with its inputs.
+  (The mean/std moments of contiguous groups bypass these: `_contiguous_moments`.)
   """
 
-  def __init__(self, gids_N: Array, num_groups: int, group_size: int | None = None):
+  def __init__(self, gids_N: Array, num_groups: int, group_size: int | None = None,
+               masked: bool = True):
     self.gids_N, self.num_groups, self.group_size = gids_N, num_groups, group_size
+    self.masked = masked  # False: every sample is valid (`valid=None`), known statically.
 
   def _reduce(self, x_N, op, jnp_op):
     x_BxG = x_N.reshape(self.num_groups, self.group_size)
@@ -128,9 +136,11 @@ class _Groups:
 def _moments(r_N: Array, seg: _Groups, w_N: Array):
   """Per-group count, shift, mean of the shifted values and sum of squared deviations.
 
-  Returns (count_G, shift_G, dmean_G, m2_G, d_N) with d_N = (r_N - shift[g]) (0 where invalid),
-  mean_g = shift_g + dmean_g and var_g = m2_g / (count_g - ddof).
+  Returns (count_G, shift_G, dmean_G, m2_G, dev_N) with dev_N = (r_N - shift[g]) - dmean[g]
+  (0 where invalid), mean_g = shift_g + dmean_g and var_g = m2_g / (count_g - ddof).
   """
+  if seg.group_size is not None:
+    return _contiguous_moments(r_N, seg.num_groups, seg.group_size, w_N, seg.masked)
   valid_N = w_N > 0
   # Shift by the group max: exact zeros for all-equal groups, and small numbers to square.
   shift_G = seg.max(jnp.where(valid_N, r_N, -jnp.inf))
@@ -144,6 +154,79 @@ def _moments(r_N: Array, seg: _Groups, w_N: Array):
   dev_N = jnp.where(valid_N, d_N - seg.expand(dmean_G), 0.0)
   m2_G = seg.sum(dev_N * dev_N)
   return count_G, shift_G, dmean_G, m2_G, dev_N
+
+
+def _contiguous_moments(r_N: Array, num_groups: int, group_size: int, w_N: Array,
+                        masked: bool):
+  """`_moments` of contiguous equal groups: rewards as [B, G], no [N] intermediate.
+
+  The same two-pass statistics, written so that XLA makes two passes over the rewards: one
+  computing the [B] statistics, one writing dev_N (its consumers fuse into it). No [N] array
+  between them (each one costs a write and a read more than the copy floor) and no barrier on
+  each statistic: through `_Groups.sum/max` the grpo kernel compiled to 4 fusions at G = 4
+  (one writing d as [N]) and 8 at G = 64, now 2 and 1 (bench/advantages.py, BENCHMARKS.md).
+
+  For G <= 16 the shift is the group's first valid reward instead of its max: any member gives
+  d = 0 exactly for an all-equal group and small d to square; the first one is a select chain
+  (a plain slice without `valid`), while a max chain made the kernel 1.4-2.2x slower with
+  `jnp.maximum` (NaN-propagating) and 1.2-1.4x as a plain compare-select.
+  """
+  B, G = num_groups, group_size
+  r_BxG, w_BxG = r_N.reshape(B, G), w_N.reshape(B, G)
+  valid_BxG = w_BxG > 0
+  if G > _COLUMN_REDUCE_MAX:
+    # Row reductions: XLA:CPU runs the whole kernel (reductions, broadcasts, output) as one
+    # fused pass (YNNPACK) at these sizes; a column chain would read with a stride of G. The
+    # shift is the max, as on the segment path: the first valid member of a row would need a
+    # gather, and the max costs nothing measurable here.
+    count_B = jnp.sum(w_BxG, axis=1)
+    shift_B = jnp.max(jnp.where(valid_BxG, r_BxG, -jnp.inf), axis=1)
+    shift_B = jnp.where(count_B > 0, shift_B, 0.0)
+    d_BxG = jnp.where(valid_BxG, r_BxG - shift_B[:, None], 0.0)
+    dmean_B = jnp.sum(d_BxG, axis=1) / jnp.maximum(count_B, 1.0)
+    dev_BxG = jnp.where(valid_BxG, d_BxG - dmean_B[:, None], 0.0)
+    m2_B = jnp.sum(dev_BxG * dev_BxG, axis=1)
+    return count_B, shift_B, dmean_B, m2_B, dev_BxG.reshape(-1)
+  # Small groups: XLA:CPU's row reduction over a minor axis of 4-16 is 5-30x slower than an
+  # elementwise chain over the G columns, which LLVM vectorises over 8 groups at a time.
+  r_j = [r_BxG[:, j] for j in range(G)]
+  v_j = [valid_BxG[:, j] for j in range(G)]
+  shift_B = jnp.zeros((B,), jnp.float32)
+  for j in reversed(range(G)):  # the first valid reward (0 for an empty group)
+    shift_B = jnp.where(v_j[j], r_j[j], shift_B)
+  # d_0 is 0 (the shift is r_0 where member 0 is valid): the chains start at column 1, which
+  # saves XLA the r_0 - r_0 it cannot fold (NaN semantics).
+  d_j = [jnp.where(v, r - shift_B, 0.0) for r, v in zip(r_j[1:], v_j[1:])]
+  count_B = _chain_sum([w_BxG[:, j] for j in range(G)])
+  s1_B = _chain_sum(d_j) if d_j else jnp.zeros((B,), jnp.float32)
+  dmean_B = s1_B / jnp.maximum(count_B, 1.0)
+  m2_B = _chain_sum([jnp.where(v_j[0], dmean_B * dmean_B, 0.0)] +
+                    [jnp.where(v, (d - dmean_B) ** 2, 0.0) for d, v in zip(d_j, v_j[1:])])
+  if G >= _PACK_MOMENTS_MIN:
+    # Materialise both [B] moments from one pass ([B, 2]). Left to XLA, the output pass
+    # recomputes dmean per group (G scalar adds): at G = 4 that is 1.0-1.3x faster than
+    # packing, at G = 8-16 1.1-1.5x slower.
+    packed_Bx2 = jax.lax.optimization_barrier(jnp.stack([dmean_B, m2_B], axis=1))
+    dmean_B, m2_B = packed_Bx2[:, 0], packed_Bx2[:, 1]
+  if masked:
+    # With a traced mask, XLA:CPU (jax 0.10.2) miscompiled the broadcast form below at G = 16
+    # inside reinforce_pp_baseline with lengths (a whitened output off by up to 1.8, right with
+    # the HLO pass "fusion" disabled; tests/test_advantages.py caught it). Stacking the columns
+    # computes the same values and compiles right; it costs about 2x at N = 1e6, but the
+    # trainer passes no mask (`valid=None`) and takes the broadcast form.
+    dev_j = [jnp.where(v_j[0], -dmean_B, 0.0)]
+    dev_j += [jnp.where(v, d - dmean_B, 0.0) for d, v in zip(d_j, v_j[1:])]
+    dev_BxG = jnp.stack(dev_j, axis=1)
+  else:
+    dev_BxG = (r_BxG - shift_B[:, None]) - dmean_B[:, None]
+  return count_B, shift_B, dmean_B, m2_B, dev_BxG.reshape(-1)
+
+
+def _chain_sum(cols_B: list[Array]) -> Array:
+  acc_B = cols_B[0]
+  for c in cols_B[1:]:
+    acc_B = acc_B + c
+  return acc_B
 
 
 def _std(m2_G: Array, count_G: Array, ddof: int) -> Array:
@@ -268,7 +351,8 @@ def grpo_passk(r_N, seg, w_N, *, eps, norm_by_std: bool = True,
   valid_N = w_N > 0
   n_samples = r_N.shape[0]
   count_G, shift_G, _, m2_G, _ = _moments(r_N, seg, w_N)
-  max_G = shift_G
+  # The segment path shifts by the max; contiguous small groups shift by their first member.
+  max_G = shift_G if seg.group_size is None else seg.max(jnp.where(valid_N, r_N, -jnp.inf))
   idx_N = jnp.arange(n_samples, dtype=jnp.int32)
   is_max_N = valid_N & (r_N == seg.expand(max_G))
   winner_G = seg.min(jnp.where(is_max_N, idx_N, n_samples))
@@ -399,7 +483,7 @@ def _check_inputs(rewards, group_ids, num_groups, valid, group_size=None):
                        f"repeat(arange(num_groups), group_size) (contiguous equal groups)")
   # Padding may hold anything (NaN included): zero it so that no statistic can see it.
   r = jnp.where(w > 0, r.astype(jnp.float32), 0.0)
-  return r, _Groups(g.astype(jnp.int32), num_groups, group_size), w
+  return r, _Groups(g.astype(jnp.int32), num_groups, group_size, masked=valid is not None), w
 
 
 def compute_advantages(rewards: Any, group_ids: Any, num_groups: int, *, estimator: str = "grpo",

@@ -146,7 +146,7 @@ def test_matches_reference_on_random_uneven_shuffled_padded(estimator):
   assert np.all(np.asarray(got)[~valid] == 0)
 
 
-@pytest.mark.parametrize("G", [4, 32])  # column chain / row reduction
+@pytest.mark.parametrize("G", [4, 16, 32])  # column chain / packed moments / row reduction
 @pytest.mark.parametrize("estimator", ALL)
 def test_contiguous_group_size_path_equals_segment_path(estimator, G):
   """group_size=G (reductions of [B, G]) == the segment path == the reference, jitted too."""
@@ -175,6 +175,49 @@ def test_contiguous_group_size_path_equals_segment_path(estimator, G):
   for a, b in zip(adv_lib.group_stats(r, ids, B, valid=valid, group_size=G),
                   adv_lib.group_stats(r, ids, B, valid=valid)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("G", [3, 16, 32])  # column chain / packed moments / row reduction
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "grpo_no_std"])
+def test_contiguous_all_equal_groups_are_exactly_zero(estimator, G):
+  """The shift keeps all-equal groups at exact 0 (no 1/eps blow-up) at any reward scale."""
+  B = 4
+  r = np.repeat(np.array([0.1, 1e6 + 0.1, -3.7, 1e6], np.float32), G)
+  r[-1] += 1.0  # the last group has one different member: its advantages are not 0
+  ids = np.repeat(np.arange(B), G).astype(np.int32)
+  valid = np.ones(B * G, bool)
+  valid[2 * G] = False  # a padded first member: the shift is then the next valid reward
+  for v in (None, valid):
+    got = np.asarray(adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=v,
+                                                group_size=G))
+    assert np.all(got[:3 * G] == 0.0)
+    want = adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=v)
+    np.testing.assert_allclose(got[3 * G:], np.asarray(want)[3 * G:], rtol=1e-6)
+    assert np.all(got[3 * G:] != 0.0)
+    mean, std, _ = adv_lib.group_stats(r, ids, B, valid=v, group_size=G)
+    np.testing.assert_array_equal(np.asarray(std)[:3], 0.0)
+    np.testing.assert_array_equal(np.asarray(mean)[:3], r[[0, G, 2 * G + 1]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("G", [2, 3, 8, 12, 24])  # around the chain / packing / row thresholds
+def test_contiguous_path_equals_segment_path_jitted_at_more_group_sizes(G):
+  """Every estimator, masked or not, jitted: the G-dependent branches of _contiguous_moments."""
+  fn = jax.jit(adv_lib.compute_advantages,
+               static_argnames=("num_groups", "estimator", "group_size"))
+  B = 33
+  rng = np.random.default_rng(G)
+  ids = np.repeat(np.arange(B), G).astype(np.int32)
+  r = rng.random(B * G).astype(np.float32)
+  r[G:2 * G] = 0.5
+  mask = rng.random(B * G) > 0.2
+  for estimator in ALL:
+    for valid in (None, None if estimator == "grpo_passk" else mask):
+      kw = extra_kwargs(estimator, rng, len(r))
+      seg = adv_lib.compute_advantages(r, ids, B, estimator=estimator, valid=valid, **kw)
+      rows = fn(r, ids, num_groups=B, estimator=estimator, valid=valid, group_size=G, **kw)
+      np.testing.assert_allclose(rows, seg, rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{estimator}, valid={valid is not None}")
 
 
 def test_contiguous_group_size_checks_the_ids():
