@@ -174,9 +174,12 @@ def ragged_main(args):
     row["ideal_tflop"] = f["ideal"] / 1e12
     print(json.dumps(row), flush=True)
   if args.time:
-    B = args.ragged_time_batch
-    t = time_ragged(args.model_dir, P, G, R, lengths[:B], args.rounds)
-    row.update({"time_B": B, "time_group_max": lengths[:B].max(axis=1).tolist(),
+    timed = lengths[:args.ragged_time_batch]
+    if args.time_group_lengths:  # Every response of group b this long.
+      timed = np.repeat(np.array(args.time_group_lengths)[:, None], G, axis=1)
+    B = timed.shape[0]
+    t = time_ragged(args.model_dir, P, G, R, timed, args.rounds)
+    row.update({"time_B": B, "time_group_max": timed.max(axis=1).tolist(),
                 **{f"{k}_s": v for k, v in t.items()}})
     print(json.dumps(row), flush=True)
   if args.json:
@@ -294,6 +297,9 @@ def main():
   p.add_argument("--ragged", action="store_true",
                  help="long-tailed response lengths: trimmed vs untrimmed update (see above)")
   p.add_argument("--ragged-batch", type=int, default=16, help="--ragged: prompts B")
+  p.add_argument("--time-group-lengths", type=lambda v: [int(x) for x in v.split(",")],
+                 help="--ragged --time: time these groups instead (every response of group b "
+                      "this long), e.g. 32,128,20,60")
   p.add_argument("--ragged-time-batch", type=int, default=2,
                  help="--ragged --time: the first B prompts of the batch are timed")
   args = p.parse_args()

@@ -87,6 +87,7 @@ groups have spread and the advantages are not all zero.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -432,7 +433,6 @@ def worker_tunix(args) -> dict:
   tokenizer = _PlainTokenizer(hf_tok, eos)
   mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  import functools
 
   import jax.numpy as jnp
   from tunix.models.llama3 import model as llama_lib

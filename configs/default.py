@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.memory_budget_gb = 0.0  # GiB (0 = automatic, see above).
   c.train.lm_head_chunk = 0  # positions per LM-head chunk in the update (0 = <= 256 MB of logits).
   c.train.shared_prefix = True  # each prompt's forward once per group in the update (False: G times).
+  # Update and old / ref forwards in micro-batches ordered by response length, each cut to the
+  # smallest of R, R/2, R/4, R/8 (multiples of 16) holding its longest response (False: all at R).
+  c.train.trim_responses = True  # bool, see above.
   c.train.log_every = 1  # write metrics every N steps.
   c.train.eval_every = 50  # evaluate on the held-out split every N steps (0 = never).
   c.train.eval_num_prompts = 64  # held-out prompts per evaluation.

@@ -242,12 +242,6 @@ def rollout_metrics(rewards_N, components, advantages_N, completion_mask_NxR, tr
   return out
 
 
-# The update and old / reference forwards on micro-batches trimmed to their response lengths
-# (`update.train_step(buckets=...)`). Off: 27 % fewer XLA FLOPs on a long-tailed length
-# distribution, but 1.15x the wall time of the untrimmed update on SmolLM2-135M on CPU.
-TRIM_RESPONSES = False
-
-
 class Steps:
   """The jitted functions of a run, compiled once per input shape (prompt length bucket)."""
 
@@ -278,10 +272,8 @@ class Steps:
     num_micro = run.minibatch // plan.microbatch
     temp = r.temperature if r.temperature > 0 else 1.0
     group = r.group_size if plan.shared_prefix else None
-    # Trimming micro-batches to their response lengths (update.response_buckets) saves FLOPs but
-    # was measured SLOWER on SmolLM2-135M on CPU (BENCHMARKS, "responses trimmed"): off until
-    # that is understood.
-    buckets = update.response_buckets(r.max_new_tokens) if TRIM_RESPONSES else None
+    # Micro-batches trimmed to their responses' lengths: padding past the longest costs nothing.
+    buckets = update.response_buckets(r.max_new_tokens) if run.train.trim_responses else None
     train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
                           response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,

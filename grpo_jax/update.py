@@ -149,6 +149,7 @@ def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, respo
   """
   n = tokens_NxL.shape[0]
   k = n // microbatch
+  buckets = _worth_trimming(buckets, response_len)
   batch = {"tokens": tokens_NxL, "attn_mask": attn_mask_NxL}
   rows_N = None
   if buckets and k > 1:
@@ -184,6 +185,12 @@ def response_buckets(response_len: int, num: int = TRIM_BUCKETS,
   time grows with `num`); a micro-batch wastes less than half its bucket on padding."""
   out = {min(response_len, -(-max(response_len >> i, 1) // align) * align) for i in range(num)}
   return tuple(sorted(out))
+
+
+def _worth_trimming(buckets: tuple[int, ...] | None,
+                    response_len: int) -> tuple[int, ...] | None:
+  """`buckets`, or None when the only bucket is R itself: nothing to trim, nothing to reorder."""
+  return None if not buckets or tuple(buckets) == (response_len,) else buckets
 
 
 def _response_extent(attn_mask_NxL: jax.Array, response_len: int) -> jax.Array:
@@ -393,6 +400,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   increments `state.skipped`.
   """
   denominators = minibatch_denominators(batch, rl)
+  buckets = _worth_trimming(buckets, response_len)
   if rl.loss.max_len is None:  # The norm aggregation's L stays R when a micro-batch is trimmed.
     rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, max_len=response_len))
   if buckets and num_micro > 1:

@@ -215,6 +215,34 @@ def test_off_policy_epochs_minibatches_kl_filtering_and_overlong(tmp_path):
   assert max(table["reward/overlong"]) <= 0.0 and min(table["reward/overlong"]) >= -1.0
 
 
+def test_trimmed_update_trains_as_untrimmed(tmp_path):
+  """Responses that stop early (every digit is a stop string: lengths spread over 1..32): the
+  update and old / reference forwards in micro-batches trimmed to their responses' lengths
+  (`train.trim_responses`, the default) leave the parameters and metrics of the update at full
+  length. One rollout of 4 prompts x G = 2, 2 epochs x 2 minibatches x 2 micro-batches of one
+  group (off-policy ratios, KL to the reference)."""
+  digits = "(" + ",".join(f"'{d}'" for d in range(10)) + ")"
+  common = ("--config.train.num_steps=1", "--config.train.eval_every=0",
+            "--config.train.export_every=0", "--config.rollout.max_new_tokens=32",
+            f"--config.rollout.stop_strings={digits}", "--config.train.ppo_epochs=2",
+            "--config.rollout.group_size=2", "--config.train.minibatch_size=4",
+            "--config.train.microbatch_size=2", "--config.rl.kl_coef=0.05",
+            "--config.optim.learning_rate=0.05")
+  got, cfg = run_in(tmp_path / "trimmed", *common, devices=jax.devices()[:1])
+  want, _ = run_in(tmp_path / "full", *common, "--config.train.trim_responses=False",
+                   devices=jax.devices()[:1])
+  assert cfg.train.trim_responses
+  # Lengths spread below the budget: micro-batches land in different buckets (16 and 32).
+  assert 4 < got["response/length_mean"] < 24 and got["response/truncated_frac"] < 0.5, got
+  assert got["update/ratio_max"] > 1.0  # off-policy: the old log-probs matter
+  for key in want:
+    if not key.startswith(("time/", "throughput/")):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  (_, trimmed), (_, full) = final_state(tmp_path / "trimmed"), final_state(tmp_path / "full")
+  for a, b in zip(jax.tree.leaves(trimmed["params"]), jax.tree.leaves(full["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # 4 Adam steps of lr 0.05
+
+
 def test_non_finite_step_is_skipped_and_counted():
   """A NaN advantage makes the loss non-finite: params and optimizer state stay, `skipped` counts."""
   import optax
