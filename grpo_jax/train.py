@@ -558,7 +558,8 @@ class Loop:
     """Stops the retriever, finishes pending saves, closes files, releases the workdir lock.
 
     Everything is attempted; the first failure is raised unless an exception is already on its
-    way (then it is only logged, so the original error is the one reported)."""
+    way (then it is only logged, so the original error is the one reported; a full disk met again,
+    e.g. by a checkpoint still being written, is not: the run's one line already says it)."""
     closers = [self.stop.restore]
     if self.steps.search is not None and self.steps.search.server is not None:
       closers.append(self.steps.search.server.close)
@@ -567,13 +568,14 @@ class Loop:
       closers.append(self.data_log.close)
     if self.lock is not None:
       closers.append(self.lock.release)
-    failing = sys.exc_info()[1] is not None
+    on_its_way = sys.exc_info()[1]
+    failing = on_its_way is not None
     first = None
     for closer in closers:
       try:
         closer()
       except Exception as e:  # noqa: BLE001
-        if failing:
+        if failing and not (is_disk_full(e, until=on_its_way) and is_disk_full(on_its_way)):
           logging.error("while closing after a failure: %s", _one_line(e))
         first = first or e
     if first is not None and not failing:
@@ -1006,11 +1008,12 @@ def _quietly(fn, what: str) -> bool:
     return False
 
 
-def is_disk_full(e: BaseException) -> bool:
-  """Whether `e` (or an exception it was raised from) is a full disk or exceeded quota."""
+def is_disk_full(e: BaseException, until: BaseException | None = None) -> bool:
+  """Whether `e` (or an exception it was raised from, up to `until`) is a full disk or exceeded
+  quota."""
   import errno
   seen = set()
-  while e is not None and id(e) not in seen:
+  while e is not None and e is not until and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
       return True
