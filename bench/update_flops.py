@@ -28,6 +28,11 @@ program of its bucket (`update.response_buckets(R)`), against every micro-batch 
 (untrimmed) and the ideal on the real lengths. With --time also the wall time of one
 `train_step` (shared, AdamW, SmolLM2-135M weights) with and without `buckets`.
 
+Packed: the shared path with `update.response_packing` as well: a group whose lengths sum to at
+most a packed length runs its responses one after the other in one row of that length (the
+smallest that holds them), the others padded at R; "packed_micro_buckets" lists each group's
+packed length (0: padded).
+
 --time: one update (`update.train_step`, jitted, AdamW) on the real SmolLM2-135M-Instruct weights,
 plain vs shared, B prompts as below, after a warm-up call, `block_until_ready` before reading the
 clock; interleaved rounds, median. Micro-batches of 4 rows (plain) and of one group (shared)
@@ -100,13 +105,20 @@ def ragged_flops(cfg, P, G, R, lengths_BxG, rows_per_micro_plain=4) -> dict:
            for r in sorted(set(used) | {R})}
     out[name] = {"untrimmed": len(used) * per[R], "trimmed": sum(per[r] for r in used),
                  "micro_buckets": used}
+  # Packed (shared, `update.response_packing`): a group runs packed in the smallest packed
+  # length that holds the sum of its lengths, else padded at R (`update._trimmed`).
+  lengths = update.packed_lengths(update.response_packing(cfg, R, G), P, G, R)
+  packed = [next((t for t in lengths if t >= int(s)), 0) for s in lengths_BxG.sum(axis=1)]
+  per = {t: extrapolated_flops(cfg, 1, P, G, R, shared=True, packed=t) for t in set(packed)}
+  out["packed"] = {"untrimmed": out["shared"]["untrimmed"], "trimmed": sum(per[t] for t in packed),
+                   "micro_buckets": packed}
   out["ideal"] = ideal_ragged_flops(cfg, P, lengths_BxG)
   return out
 
 
 def time_ragged(model_dir: str, P: int, G: int, R: int, lengths_BxG, rounds: int) -> dict:
   """Median seconds of one jitted shared-prefix train_step (one group per micro-batch, AdamW,
-  real weights) on ragged responses, with and without trimming to buckets."""
+  real weights) on ragged responses: untrimmed, trimmed to buckets, and packed."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -130,10 +142,12 @@ def time_ragged(model_dir: str, P: int, G: int, R: int, lengths_BxG, rounds: int
       "loss_mask": jnp.asarray(rmask, jnp.float32), "kl_mask": jnp.asarray(rmask, jnp.float32),
       "advantages": jnp.asarray(rng.normal(size=n), jnp.float32),
   }
+  buckets, packing = update.response_buckets(R), update.response_packing(model.config, R, G)
   steps = {name: jax.jit(functools.partial(
       update.train_step, graphdef=graphdef, tx=tx, rl=RLConfig(), response_len=R, num_micro=B,
-      temperature=1.0, group_size=G, buckets=b))
-      for name, b in (("untrimmed", None), ("trimmed", update.response_buckets(R)))}
+      temperature=1.0, group_size=G, buckets=b, packing=pk))
+      for name, b, pk in (("untrimmed", None, None), ("trimmed", buckets, None),
+                          ("packed", buckets, packing))}
   state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
                             rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
   times = {k: [] for k in steps}
@@ -165,7 +179,7 @@ def ragged_main(args):
     jax.lax.scan = functools.partial(jax.lax.scan, unroll=True)
     f = ragged_flops(cfg, P, G, R, lengths)
     jax.lax.scan = jax.lax.scan.func
-    for name in ("shared", "plain"):
+    for name in ("shared", "plain", "packed"):
       u, t = f[name]["untrimmed"], f[name]["trimmed"]
       row.update({f"{name}_untrimmed_tflop": u / 1e12, f"{name}_trimmed_tflop": t / 1e12,
                   f"{name}_saving": 1 - t / u, f"{name}_trimmed_over_ideal": t / f["ideal"],
@@ -198,7 +212,7 @@ def _batch_shapes(n, P, R):
           "advantages": jax.ShapeDtypeStruct((n,), jnp.float32)}
 
 
-def xla_flops(cfg, B, P, G, R, shared: bool) -> float:
+def xla_flops(cfg, B, P, G, R, shared: bool, packed: int = 0) -> float:
   """Compiled FLOPs of value_and_grad(loss_fn) on abstract params (layer scan unrolled)."""
   import jax
   from flax import nnx
@@ -214,16 +228,17 @@ def xla_flops(cfg, B, P, G, R, shared: bool) -> float:
   def f(p, batch):
     den = update.minibatch_denominators(batch, rl)
     return jax.value_and_grad(update.loss_fn, has_aux=True)(
-        p, graphdef, batch, rl, R, den, 1.0, lm_head_chunk=R, group_size=G if shared else None)
+        p, graphdef, batch, rl, R, den, 1.0, lm_head_chunk=max(R, packed),
+        group_size=G if shared else None, packed=packed)
 
   cost = jax.jit(f).lower(params, _batch_shapes(B * G, P, R)).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost["flops"])
 
 
-def extrapolated_flops(cfg, B, P, G, R, shared: bool) -> float:
-  f1 = xla_flops(cfg.replace(num_layers=1), B, P, G, R, shared)
-  f2 = xla_flops(cfg.replace(num_layers=2), B, P, G, R, shared)
+def extrapolated_flops(cfg, B, P, G, R, shared: bool, packed: int = 0) -> float:
+  f1 = xla_flops(cfg.replace(num_layers=1), B, P, G, R, shared, packed)
+  f2 = xla_flops(cfg.replace(num_layers=2), B, P, G, R, shared, packed)
   return f1 + (cfg.num_layers - 1) * (f2 - f1)
 
 

@@ -110,6 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Update and old / ref forwards in micro-batches ordered by response length, each cut to the
   # smallest of R, R/2, R/4, R/8 (multiples of 16) holding its longest response (False: all at R).
   c.train.trim_responses = True  # bool, see above.
+  # With trim_responses and shared_prefix: a micro-batch whose groups fit runs each group's G
+  # responses packed one after the other in one row (segment ids in attention), so a group costs
+  # the sum of its lengths, not G times its longest (False: each response its own padded row).
+  c.train.pack_responses = True  # bool, see above.
   c.train.log_every = 1  # write metrics every N steps.
   c.train.eval_every = 50  # evaluate on the held-out split every N steps (0 = never).
   c.train.eval_num_prompts = 64  # held-out prompts per evaluation.

@@ -116,6 +116,7 @@ class TrainConfig:
   lm_head_chunk: int = 0  # positions per LM-head chunk; 0: losses.auto_chunk_size.
   shared_prefix: bool = True  # prompt forward once per group in the update (where it applies).
   trim_responses: bool = True  # micro-batches by response length, padding past the longest skipped.
+  pack_responses: bool = True  # with trim + shared prefix: a group's responses packed in one row.
   log_every: int = 1
   eval_every: int = 0
   eval_num_prompts: int = 64

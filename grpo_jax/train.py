@@ -274,11 +274,16 @@ class Steps:
     group = r.group_size if plan.shared_prefix else None
     # Micro-batches trimmed to their responses' lengths: padding past the longest costs nothing.
     buckets = update.response_buckets(r.max_new_tokens) if run.train.trim_responses else None
+    # ... and each group's responses packed into one row where they fit (shared prefix only).
+    packing = (update.response_packing(
+        model_config(run, setup.tokenizer).replace(remat=plan.remat), r.max_new_tokens,
+        r.group_size)
+               if run.train.trim_responses and run.train.pack_responses else None)
     train_step = jax.jit(
         functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
                           response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
                           lm_head_chunk=run.train.lm_head_chunk, group_size=group,
-                          buckets=buckets),
+                          buckets=buckets, packing=packing),
         in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
         donate_argnums=0)
     self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
@@ -291,7 +296,8 @@ class Steps:
       return jax.jit(functools.partial(
           update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
           microbatch=plan.microbatch, temperature=temp, use_lora=use_lora,
-          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group, buckets=buckets),
+          lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group, buckets=buckets,
+          packing=packing),
           out_shardings=batch_sh(2))
     policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
     self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,

@@ -17,7 +17,10 @@ With `group_size` G (the shared-prefix path) the rows come in groups of G respon
 (a a a b b b, the prompt part of a group's rows identical): each prompt then runs once per group
 and micro-batches hold whole groups. With `buckets` (`response_buckets`) the micro-batches are
 formed by response length and each runs with its response axis trimmed to the smallest bucket that
-holds it: padding beyond the longest real response costs nothing. `plan_update` picks the
+holds it: padding beyond the longest real response costs nothing. With `packing` as well
+(`response_packing`, shared prefix only) a micro-batch whose groups' responses fit packs each
+group's responses into one row, one after the other (`decoder_hidden_packed`): a group then costs
+the sum of its lengths, not G times its longest. `plan_update` picks the
 micro-batch (and remat) from a memory budget.
 """
 
@@ -38,7 +41,7 @@ from flax import nnx
 
 from grpo_jax import losses
 from grpo_jax.config import OptimConfig, RLConfig
-from grpo_jax.models.decoder import decoder_hidden_shared_prefix
+from grpo_jax.models.decoder import decoder_hidden_packed, decoder_hidden_shared_prefix
 
 
 @flax.struct.dataclass
@@ -85,12 +88,14 @@ def merge(graphdef: nnx.GraphDef, params: Any, frozen: Any = None) -> nnx.Module
 def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array,
                       attn_mask_NxL: jax.Array, response_len: int, *, with_entropy: bool = False,
                       temperature: float = 1.0, frozen: Any = None, use_lora: bool = True,
-                      lm_head_chunk: int = 0, group_size: int | None = None):
+                      lm_head_chunk: int = 0, group_size: int | None = None, packed: int = 0):
   """Log-prob (and entropy) of each response token under the policy at `temperature`: [N, R] f32.
 
   With `group_size` G the rows are groups of G responses to one prompt (a a a b b b, the prompt
   part of the G rows identical): each prompt's forward then runs once, not G times
   (`decoder_hidden_shared_prefix`; equal results, fewer FLOPs). Without it, every row runs whole.
+  With `packed` = T as well, each group's responses run packed into one row of T positions
+  (`decoder_hidden_packed`); the sum of a group's response extents must be at most T.
 
   Entry t of the result is log p(response token t | everything before it), 0 where the response
   is padding (attn_mask 0). Only the R positions that predict response tokens go through the LM
@@ -108,6 +113,10 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array
     if N % G:
       raise ValueError(f"group_size: {N} rows are not whole groups of {G}")
     first = lambda x: x[:, :start].reshape(B, G, start)[:, 0]  # The group's prompt, once.
+    if packed:
+      return _packed_logprobs(model, use_lora, first(tokens_NxL), first(attn_mask_NxL),
+                              tokens_NxL[:, start:], attn_mask_NxL[:, start:], G, packed,
+                              with_entropy, temperature, lm_head_chunk)
     last_BxE, resp_NxRxE = decoder_hidden_shared_prefix(
         model.config, model.arrays(use_lora), first(tokens_NxL), first(attn_mask_NxL),
         tokens_NxL[:, start:], attn_mask_NxL[:, start:],
@@ -125,6 +134,49 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, tokens_NxL: jax.Array
                temperature, lm_head_chunk)
 
 
+def _packed_logprobs(model, use_lora, prompt_BxP, pmask_BxP, resp_NxR, rmask_NxR, G, T,
+                     with_entropy, temperature, lm_head_chunk):
+  """`response_logprobs` of whole groups with each group's responses packed into one row of T:
+  response g of group b occupies row b from offset (sum of the extents of responses 0..g-1) on,
+  for its extent (up to its last real token). The LM head runs on the T packed positions; the
+  results are scattered back to [N, R] (0 on padding, as the other paths)."""
+  N, R = resp_NxR.shape
+  B = N // G
+  t_R = jnp.arange(R)
+  extent_BxG = _response_extent(rmask_NxR, R).reshape(B, G)
+  offset_BxG = jnp.cumsum(extent_BxG, axis=1) - extent_BxG
+  inside_BxGxR = t_R[None, None, :] < extent_BxG[:, :, None]
+  dest_BxGR = jnp.where(inside_BxGxR, offset_BxG[:, :, None] + t_R[None, None, :], T).reshape(B, G * R)
+  plen_B = jnp.sum(pmask_BxP.astype(jnp.int32), axis=1)
+  rpos_BxGxR = (plen_B[:, None, None] + jnp.cumsum(rmask_NxR.astype(jnp.int32), axis=1)
+                .reshape(B, G, R) - 1)
+
+  def pack(x_BxGxR, fill):  # Positions past T (outside every extent) are dropped.
+    flat_BxGR = x_BxGxR.reshape(B, G * R)
+    out_BxT = jnp.full((B, T), fill, flat_BxGR.dtype)
+    return jax.vmap(lambda o, d, x: o.at[d].set(x, mode="drop"))(out_BxT, dest_BxGR, flat_BxGR)
+
+  ids_BxT = pack(resp_NxR.reshape(B, G, R), 0)
+  valid_BxT = pack(rmask_NxR.reshape(B, G, R), 0)
+  segment_BxT = pack(jnp.broadcast_to(jnp.arange(G)[None, :, None], (B, G, R)), -1)
+  position_BxT = jnp.maximum(pack(rpos_BxGxR, 0), 0)
+  first_BxT = pack(jnp.broadcast_to(t_R == 0, (B, G, R)), False)
+  last_BxE, hidden_BxTxE = decoder_hidden_packed(
+      model.config, model.arrays(use_lora), prompt_BxP, pmask_BxP, ids_BxT, segment_BxT,
+      position_BxT, valid_BxT, lora=getattr(model, "lora_config", None))
+  # A response's first token is predicted by its prompt's last position, token t + 1 by t.
+  shifted_BxTxE = jnp.concatenate([last_BxE[:, None], hidden_BxTxE[:, :-1]], axis=1)
+  pred_BxTxE = jnp.where(first_BxT[:, :, None], last_BxE[:, None], shifted_BxTxE)
+  out = _head(model, pred_BxTxE, ids_BxT, valid_BxT, with_entropy, temperature, lm_head_chunk)
+
+  def unpack(x_BxT):
+    got_BxGR = jnp.take_along_axis(x_BxT, jnp.minimum(dest_BxGR, T - 1), axis=1)
+    got_NxR = got_BxGR.reshape(N, R)
+    return jnp.where(inside_BxGxR.reshape(N, R) & (rmask_NxR != 0), got_NxR, 0.0)
+
+  return tuple(map(unpack, out)) if with_entropy else unpack(out)
+
+
 def _head(model, pred_hidden_NxRxE, targets_NxR, mask_NxR, with_entropy, temperature,
           lm_head_chunk):
   logp, ent = losses.head_logprobs(pred_hidden_NxRxE, model.lm_head_weight(), targets_NxR,
@@ -139,30 +191,35 @@ def batched_response_logprobs(graphdef, params, tokens_NxL, attn_mask_NxL, respo
                               microbatch: int, temperature: float = 1.0, frozen: Any = None,
                               use_lora: bool = True, lm_head_chunk: int = 0,
                               group_size: int | None = None,
-                              buckets: tuple[int, ...] | None = None) -> jax.Array:
+                              buckets: tuple[int, ...] | None = None,
+                              packing: Packing | None = None) -> jax.Array:
   """`response_logprobs` in micro-batches (bounded activation memory), for old/ref log-probs.
 
   With `group_size` each micro-batch holds whole groups and runs their prompts once. With
   `buckets` (`response_buckets`) the rows are ordered by response length into the micro-batches
   and each runs on its responses trimmed to the smallest bucket that holds them (`_trimmed`):
-  the same log-probs, padding costs nothing.
+  the same log-probs, padding costs nothing. With `packing` too (and `group_size`), groups whose
+  responses fit run packed (`response_packing`).
   """
   n = tokens_NxL.shape[0]
   k = n // microbatch
   buckets = _worth_trimming(buckets, response_len)
+  packing = _packing_for(packing, buckets, group_size)
   batch = {"tokens": tokens_NxL, "attn_mask": attn_mask_NxL}
   rows_N = None
   if buckets and k > 1:
-    batch, rows_N = _order_by_length(batch, k, group_size, response_len)
+    batch, rows_N = _order_by_length(batch, k, group_size, response_len, packing is not None)
   micro = jax.tree.map(lambda x: _split_micro(x, k, group_size), batch)
 
-  def forward(mb, r):
+  def forward(mb, r, packed):
     logp_MxR = response_logprobs(graphdef, params, mb["tokens"], mb["attn_mask"], r,
                                  temperature=temperature, frozen=frozen, use_lora=use_lora,
-                                 lm_head_chunk=lm_head_chunk, group_size=group_size)
+                                 lm_head_chunk=lm_head_chunk, group_size=group_size,
+                                 packed=packed)
     return jnp.pad(logp_MxR, ((0, 0), (0, response_len - r)))  # Padding's log-prob is 0.
 
-  out = jax.lax.map(lambda mb: _trimmed(forward, mb, response_len, buckets), micro)
+  out = jax.lax.map(lambda mb: _trimmed(forward, mb, response_len, buckets, packing, group_size),
+                    micro)
   out = _merge_micro(out, group_size)
   return out if rows_N is None else out[jnp.argsort(rows_N)]
 
@@ -185,6 +242,62 @@ def response_buckets(response_len: int, num: int = TRIM_BUCKETS,
   time grows with `num`); a micro-batch wastes less than half its bucket on padding."""
   out = {min(response_len, -(-max(response_len >> i, 1) // align) * align) for i in range(num)}
   return tuple(sorted(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """Packed lengths for the shared-prefix update (`response_packing`).
+
+  lengths: the packed row lengths T that may be compiled as branches (multiples of `TRIM_ALIGN`;
+    `packed_lengths` keeps those that pay, and fit, for a given prompt length).
+  keys_per_token: the cost model choosing between a packed and the padded branch: a response
+    token costs 1 + keys / keys_per_token, keys being the positions its attention reads (the
+    matmul FLOPs of a token through the layers and the LM head over the attention FLOPs of one
+    key).
+  model_config: for the memory check (`activation_bytes`); None: no check.
+  """
+  lengths: tuple[int, ...]
+  keys_per_token: float
+  model_config: Any = None
+
+
+def response_packing(model_config, response_len: int, group_size: int,
+                     align: int = TRIM_ALIGN) -> Packing | None:
+  """The packed lengths for groups of `group_size` responses of up to `response_len` tokens:
+  G*R/8 * (1, 1.5, 2, 3, 4, 5, 6, 7), rounded up to `align` (a packed group wastes at most a third
+  of its row, at most a fifth from G*R/2 on); None for a single response per group. `model_config`
+  sets the cost model and the memory check (use the one the update runs: remat included)."""
+  if group_size < 2:
+    return None
+  full = group_size * response_len
+  lengths = sorted({-(-int(full * f) // align) * align
+                    for f in (1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+                    if full * f >= align and -(-int(full * f) // align) * align < full})
+  c = model_config
+  E, H, K, D, F = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
+  linear = 2 * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 2 * E * c.vocab_size / c.num_layers
+  return (Packing(tuple(lengths), keys_per_token=linear / (4 * H * D), model_config=model_config)
+          if lengths else None)
+
+
+def packed_lengths(packing: Packing, prompt_len: int, group_size: int,
+                   response_len: int) -> tuple[int, ...]:
+  """The lengths of `packing` whose packed row costs less than the group's G padded rows of
+  `response_len` (`Packing.keys_per_token`) and whose activations (`activation_bytes`: a packed
+  row's attention is [T, P + T]) are no larger than theirs (the memory `plan_update` sized the
+  micro-batch for): the branches `_trimmed` compiles."""
+  P, G, R = prompt_len, group_size, response_len
+  cost = lambda tokens, keys: tokens * (1 + keys / packing.keys_per_token)
+  mcfg = packing.model_config
+  fits = lambda t: mcfg is None or (activation_bytes(mcfg, 1, P, t, group_size=1, remat=mcfg.remat)
+                                    <= activation_bytes(mcfg, G, P, R, group_size=G,
+                                                        remat=mcfg.remat))
+  return tuple(t for t in packing.lengths if cost(t, P + t) < cost(G * R, P + R) and fits(t))
+
+
+def _packing_for(packing: Packing | None, buckets, group_size) -> Packing | None:
+  """Packing applies where trimming does, to whole groups (the shared-prefix path)."""
+  return packing if packing and buckets and group_size and group_size > 1 else None
 
 
 def _worth_trimming(buckets: tuple[int, ...] | None,
@@ -214,33 +327,49 @@ def _trim(batch: dict[str, jax.Array], response_len: int, r: int) -> dict[str, j
 
 
 def _trimmed(fn, batch: dict[str, jax.Array], response_len: int,
-             buckets: tuple[int, ...] | None):
-  """`fn(batch, response_len)`, or with `buckets` `fn(trimmed batch, r)` for the smallest bucket r
-  that holds every real response token of the batch (one `lax.switch`: each bucket is compiled
-  once, only the chosen one runs). Right of a row's last real token there is only padding
-  (attn_mask 0, loss / KL masks 0), which no real token attends to: the results are equal."""
+             buckets: tuple[int, ...] | None, packing: Packing | None = None,
+             group_size: int | None = None):
+  """`fn(batch, response_len, 0)`, or with `buckets` `fn(trimmed batch, r, 0)` for the smallest
+  bucket r that holds every real response token of the batch (one `lax.switch`: each bucket is
+  compiled once, only the chosen one runs). Right of a row's last real token there is only
+  padding (attn_mask 0, loss / KL masks 0), which no real token attends to: the results are equal.
+
+  With `packing` (whole groups of `group_size`) the branches are instead the packed lengths T
+  that cost less than the untrimmed batch, `fn(batch, R, T)`, then `fn(batch, R, 0)`: the
+  smallest T that holds the largest sum of a group's response extents runs, else the padded one."""
   if not buckets:
-    return fn(batch, response_len)
+    return fn(batch, response_len, 0)
   if buckets[-1] != response_len:
     raise ValueError(f"buckets: the last must be the response length {response_len}, got "
                      f"{buckets}")
-  extent = jnp.max(_response_extent(batch["attn_mask"], response_len))
+  extent_N = _response_extent(batch["attn_mask"], response_len)
+  if packing:
+    G, R = group_size, response_len
+    lengths = packed_lengths(packing, batch["tokens"].shape[1] - R, G, R)
+    if lengths:
+      need = jnp.max(jnp.sum(extent_N.reshape(-1, G), axis=1))
+      index = jnp.searchsorted(jnp.asarray(lengths), need)  # len(lengths): the padded branch.
+      branches = [functools.partial(lambda t, b: fn(b, R, t), t) for t in lengths]
+      return jax.lax.switch(index, branches + [lambda b: fn(b, R, 0)], batch)
+  extent = jnp.max(extent_N)
   index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), extent), len(buckets) - 1)
-  branches = [functools.partial(lambda r, b: fn(_trim(b, response_len, r), r), r)
+  branches = [functools.partial(lambda r, b: fn(_trim(b, response_len, r), r, 0), r)
               for r in buckets]
   return jax.lax.switch(index, branches, batch)
 
 
 def _order_by_length(batch: dict[str, jax.Array], k: int, group_size: int | None,
-                     response_len: int):
+                     response_len: int, packed: bool = False):
   """The batch's rows reordered so that `_split_micro(., k)` gives micro-batches of similar
-  response lengths (whole groups, by their longest response), shortest first; returns (batch,
+  response lengths (whole groups, by their longest response, or with `packed` by the sum of their
+  responses' lengths), shortest first; returns (batch,
   rows_N), row i of the new batch being row rows_N[i] of the old. Ties keep today's strided
   micro-batches: a batch of equal lengths is not moved at all."""
   g = group_size or 1
   n = batch["attn_mask"].shape[0]
   units, m = n // g, n // g // k
-  extent_U = _response_extent(batch["attn_mask"], response_len).reshape(units, g).max(axis=1)
+  extent_UxG = _response_extent(batch["attn_mask"], response_len).reshape(units, g)
+  extent_U = extent_UxG.sum(axis=1) if packed else extent_UxG.max(axis=1)
   strided_U = jnp.arange(units).reshape(m, k).T.reshape(-1)  # Micro-batch j: units j, j + k, ...
   order_U = strided_U[jnp.argsort(extent_U[strided_U], stable=True)]
   # Micro-batch j takes units j, j + k, ...: put the j-th run of m sorted units there.
@@ -273,7 +402,7 @@ def _merge_micro(x: jax.Array, group_size: int | None = None) -> jax.Array:
 
 def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, response_len: int,
             denominators: dict[str, jax.Array], temperature: float, frozen: Any = None,
-            lm_head_chunk: int = 0, group_size: int | None = None):
+            lm_head_chunk: int = 0, group_size: int | None = None, packed: int = 0):
   """GRPO loss of one micro-batch, normalised by the whole minibatch's denominators.
 
   Returns (loss, metrics); summing the losses of all micro-batches of a minibatch gives the
@@ -290,7 +419,8 @@ def loss_fn(params, graphdef, batch: dict[str, jax.Array], rl: RLConfig, respons
   logp_NxR, ent_NxR = response_logprobs(graphdef, params, batch["tokens"], batch["attn_mask"],
                                         response_len, with_entropy=True,
                                         temperature=temperature, frozen=frozen,
-                                        lm_head_chunk=lm_head_chunk, group_size=group_size)
+                                        lm_head_chunk=lm_head_chunk, group_size=group_size,
+                                        packed=packed)
   if cfg.entropy_coef == 0:
     ent_NxR = jax.lax.stop_gradient(ent_NxR)
   old_logp_NxR = batch.get("old_logp")
@@ -386,14 +516,15 @@ def minibatch_denominators(batch: dict[str, jax.Array], rl: RLConfig) -> dict[st
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, graphdef,
                tx, rl: RLConfig, response_len: int, num_micro: int, temperature: float,
                lm_head_chunk: int = 0, group_size: int | None = None,
-               buckets: tuple[int, ...] | None = None):
+               buckets: tuple[int, ...] | None = None, packing: Packing | None = None):
   """One optimizer step on a minibatch, accumulating gradients over `num_micro` micro-batches.
 
   With `group_size` G the minibatch's rows are whole groups (a a a b b b) and every micro-batch
   holds whole groups: each prompt's forward and backward run once per group (shared prefix).
   With `buckets` (`response_buckets`) the rows (whole groups with G) are ordered by response
   length into the micro-batches and each micro-batch runs trimmed to the smallest bucket that
-  holds its responses: the cost follows the real lengths, the results are equal.
+  holds its responses: the cost follows the real lengths, the results are equal. With `packing`
+  as well (shared prefix) a micro-batch whose groups fit runs each group's responses packed.
 
   `frozen` holds the base weights of a LoRA run (no gradient, no optimizer state); None otherwise.
   A step whose loss or gradients are not finite leaves params and optimizer state untouched and
@@ -401,20 +532,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   """
   denominators = minibatch_denominators(batch, rl)
   buckets = _worth_trimming(buckets, response_len)
+  packing = _packing_for(packing, buckets, group_size)
   if rl.loss.max_len is None:  # The norm aggregation's L stays R when a micro-batch is trimmed.
     rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, max_len=response_len))
   if buckets and num_micro > 1:
-    batch, _ = _order_by_length(batch, num_micro, group_size, response_len)
+    batch, _ = _order_by_length(batch, num_micro, group_size, response_len, packing is not None)
   micro = jax.tree.map(lambda x: _split_micro(x, num_micro, group_size), batch)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def micro_grad(mb, r):
+  def micro_grad(mb, r, packed):
     (_, metrics), g = grad_fn(state.params, graphdef, mb, rl, r, denominators, temperature,
-                              frozen, lm_head_chunk, group_size)
+                              frozen, lm_head_chunk, group_size, packed)
     return g, metrics
 
   def accumulate(grads, mb):
-    g, metrics = _trimmed(micro_grad, mb, response_len, buckets)
+    g, metrics = _trimmed(micro_grad, mb, response_len, buckets, packing, group_size)
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -215,11 +215,12 @@ def test_off_policy_epochs_minibatches_kl_filtering_and_overlong(tmp_path):
   assert max(table["reward/overlong"]) <= 0.0 and min(table["reward/overlong"]) >= -1.0
 
 
-def test_trimmed_update_trains_as_untrimmed(tmp_path):
+def test_trimmed_update_trains_as_untrimmed(tmp_path, monkeypatch):
   """Responses that stop early (every digit is a stop string: lengths spread over 1..32): the
   update and old / reference forwards in micro-batches trimmed to their responses' lengths
-  (`train.trim_responses`, the default) leave the parameters and metrics of the update at full
-  length. One rollout of 4 prompts x G = 2, 2 epochs x 2 minibatches x 2 micro-batches of one
+  (`train.trim_responses`, the default), each group's responses packed into one row where they
+  fit (`train.pack_responses`, the default), leave the parameters and metrics of the update at
+  full length. One rollout of 4 prompts x G = 2, 2 epochs x 2 minibatches x 2 micro-batches of one
   group (off-policy ratios, KL to the reference)."""
   digits = "(" + ",".join(f"'{d}'" for d in range(10)) + ")"
   common = ("--config.train.num_steps=1", "--config.train.eval_every=0",
@@ -228,7 +229,13 @@ def test_trimmed_update_trains_as_untrimmed(tmp_path):
             "--config.rollout.group_size=2", "--config.train.minibatch_size=4",
             "--config.train.microbatch_size=2", "--config.rl.kl_coef=0.05",
             "--config.optim.learning_rate=0.05")
+  from grpo_jax import update
+  packed_rows = []  # The packed lengths compiled into the run's update and old / ref forwards.
+  real = update._packed_logprobs
+  monkeypatch.setattr(update, "_packed_logprobs",
+                      lambda *a: packed_rows.append(a[7]) or real(*a))
   got, cfg = run_in(tmp_path / "trimmed", *common, devices=jax.devices()[:1])
+  assert packed_rows and max(packed_rows) < 2 * 32, packed_rows
   want, _ = run_in(tmp_path / "full", *common, "--config.train.trim_responses=False",
                    devices=jax.devices()[:1])
   assert cfg.train.trim_responses
@@ -240,7 +247,9 @@ def test_trimmed_update_trains_as_untrimmed(tmp_path):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
   (_, trimmed), (_, full) = final_state(tmp_path / "trimmed"), final_state(tmp_path / "full")
   for a, b in zip(jax.tree.leaves(trimmed["params"]), jax.tree.leaves(full["params"])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # 4 Adam steps of lr 0.05
+    # 4 Adam steps of lr 0.05: Adam divides by sqrt(v), so a coordinate with a small gradient
+    # carries its float rounding (packed attention sums in another order) into the step.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
 def test_non_finite_step_is_skipped_and_counted():

@@ -400,7 +400,7 @@ def test_micro_batches_by_length_pick_their_own_bucket(group):
   if group:  # Whole groups, in order.
     blocks = np.asarray(update._split_micro(rows, k, group)).reshape(-1, G)
     np.testing.assert_array_equal(blocks % G, np.broadcast_to(np.arange(G), blocks.shape))
-  chosen = [int(update._trimmed(lambda b, r: jnp.int32(r), jax.tree.map(lambda x: x[j], micro),
+  chosen = [int(update._trimmed(lambda b, r, t: jnp.int32(r), jax.tree.map(lambda x: x[j], micro),
                                 RT, BUCKETS)) for j in range(k)]
   assert chosen == ([4, 8, 12, 12] if group else [4, 4, 8, 12]), chosen
   full = dict(batch, attn_mask=batch["attn_mask"].at[:, P:].set(1))
@@ -454,3 +454,109 @@ def test_trimmed_update_equals_untrimmed(kind):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
       np.testing.assert_allclose(logp(params, batch, group, BUCKETS),
                                  logp(params, batch, group, None), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed responses: a group's responses one after the other in one row, no padding between them
+# ----------------------------------------------------------------------------------------------
+
+def _group_sums(batch):
+  extent = np.asarray(update._response_extent(batch["attn_mask"], RT))
+  return extent.reshape(-1, G).sum(axis=1)
+
+
+def _exact_packing(batch):
+  """Packed lengths equal to the sums of all groups but the largest: each of those groups fills
+  its packed row exactly (one position short would cut its last token), the largest group takes
+  the padded branch."""
+  sums = sorted(set(_group_sums(batch).tolist()))
+  return update.Packing(tuple(sums[:-1]), keys_per_token=1e9)
+
+
+def test_response_packing_lengths_and_cost():
+  cfg = _smollm2_config()
+  packing = update.response_packing(cfg, 128, 8)
+  assert packing.lengths == (128, 192, 256, 384, 512, 640, 768, 896)
+  # SmolLM2: a token's matmuls through 30 layers and the head weigh ~3,900 attention keys.
+  assert 3000 < packing.keys_per_token < 5000
+  assert update.response_packing(cfg, 128, 1) is None
+  # Kept for P = 256: up to 640; at 768 a packed row's activations ([768, 1024] attention)
+  # outgrow the 8 padded rows' (`activation_bytes`), which the memory plan sized for.
+  assert update.packed_lengths(packing, 256, 8, 128) == (128, 192, 256, 384, 512, 640)
+  # Long responses: a packed row's attention over its T keys costs more than the padded rows'
+  # over P + R long before memory runs out; rows past 3/8 of G * R cost more than they save.
+  long = update.response_packing(cfg, 8192, 16)
+  assert update.packed_lengths(dataclasses.replace(long, model_config=None), 256, 16, 8192) == (
+      16384, 24576, 32768)
+
+
+def test_packed_micro_batches_pick_the_smallest_row_that_holds_their_groups():
+  batch = _ragged_batch(seed=2)
+  sums = _group_sums(batch)
+  packing = _exact_packing(batch)
+  k = len(sums)
+  ordered, rows = update._order_by_length(batch, k, G, RT, packed=True)
+  micro = jax.tree.map(lambda x: update._split_micro(x, k, G), ordered)
+  chosen = [tuple(int(v) for v in update._trimmed(
+      lambda b, r, t: (jnp.int32(r), jnp.int32(t)), jax.tree.map(lambda x: x[j], micro), RT,
+      BUCKETS, packing, G)) for j in range(k)]
+  # Shortest sums first; each packed at its own sum, the largest on the padded branch (R, 0).
+  assert chosen == [(RT, int(t)) for t in sorted(sums)[:-1]] + [(RT, 0)], (chosen, sums)
+
+
+@pytest.mark.parametrize("kind", ["full", pytest.param("sharded_lora", marks=pytest.mark.slow)])
+def test_packed_update_equals_untrimmed(kind):
+  """With each group's responses packed into one row (every group but one packed, each filling
+  its row exactly) the update's gradients, metrics and the old/ref log-probs equal the untrimmed
+  shared-prefix path's and the plain path's (1 device; 8 devices with LoRA)."""
+  graphdef, params, frozen, vocab = _model_for(kind)
+  tx = _grad_keeper()
+  state = update.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                            rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+  batch = _ragged_batch(vocab, seed=2)
+  packing = _exact_packing(batch)
+  if kind.startswith("sharded"):
+    from grpo_jax import sharding
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state))
+  rl = _rl()
+
+  def step(group, buckets, packing, num_micro):
+    return jax.jit(lambda s, b: update.train_step(
+        s, b, frozen, graphdef=graphdef, tx=tx, rl=rl, response_len=RT, num_micro=num_micro,
+        temperature=0.7, group_size=group, buckets=buckets, packing=packing))
+
+  logp = jax.jit(lambda p, b, g, buckets, packing, use_lora: update.batched_response_logprobs(
+      graphdef, p, b["tokens"], b["attn_mask"], RT, microbatch=G, temperature=0.7,
+      frozen=frozen, use_lora=use_lora, group_size=g, buckets=buckets, packing=packing),
+      static_argnums=(2, 3, 4, 5))
+  want_state, want = step(None, None, None, 2)(state, batch)
+  got_state, got = step(G, BUCKETS, packing, 4)(state, batch)
+  leaves = jax.tree.leaves(want_state.opt_state)
+  assert max(float(np.max(np.abs(g))) for g in leaves) > 1e-3  # gradients flow
+  for a, b in zip(jax.tree.leaves(got_state.opt_state), leaves):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for use_lora in ((True, False) if frozen is not None else (True,)):
+    np.testing.assert_allclose(logp(params, batch, G, BUCKETS, packing, use_lora),
+                               logp(params, batch, None, None, None, use_lora),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_packed_logprobs_and_entropy_equal_the_plain_forward():
+  """`response_logprobs` with packed groups: log-probs and entropies of every response token
+  (0 on padding) equal the plain forward's, rows of very different lengths side by side."""
+  graphdef, params = _tiny()
+  batch = _ragged_batch(seed=2)
+  fn = jax.jit(lambda g, t: update.response_logprobs(
+      graphdef, params, batch["tokens"], batch["attn_mask"], RT, with_entropy=True,
+      temperature=0.7, group_size=g, packed=t), static_argnums=(0, 1))
+  want_logp, want_ent = fn(None, 0)
+  got_logp, got_ent = fn(G, int(_group_sums(batch).max()))
+  assert float(jnp.sum(want_logp != 0)) == float(jnp.sum(batch["attn_mask"][:, P:]))
+  np.testing.assert_allclose(got_logp, want_logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_ent, want_ent, rtol=1e-5, atol=1e-5)

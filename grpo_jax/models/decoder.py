@@ -552,18 +552,56 @@ def decoder_hidden_shared_prefix(config: ModelConfig, params: Mapping[str, Any],
   if N % B:
     raise ValueError(f"response_ids: {N} rows are not a whole number of groups of the {B} prompts")
   G = N // B
-  dt = jnp.dtype(config.dtype)
   pvalid_BxP = prompt_mask_BxP.astype(jnp.bool_)
   rvalid_NxR = response_mask_NxR.astype(jnp.bool_)
-  pmask_BxPxP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & pvalid_BxP[:, None, :]
   # A response query sees every real prompt token and the real response tokens up to itself.
-  rmask_NxRxS = jnp.concatenate([
-      jnp.broadcast_to(jnp.repeat(pvalid_BxP, G, axis=0)[:, None, :], (N, R, P)),
-      jnp.tril(jnp.ones((R, R), jnp.bool_))[None] & rvalid_NxR[:, None, :]], axis=2)
-  ppos_BxP = default_positions(prompt_mask_BxP)
+  rmask_NxRxR = jnp.tril(jnp.ones((R, R), jnp.bool_))[None] & rvalid_NxR[:, None, :]
   plen_N = jnp.repeat(jnp.sum(prompt_mask_BxP.astype(jnp.int32), axis=1), G)
   rpos_NxR = jnp.maximum(plen_N[:, None] + jnp.cumsum(response_mask_NxR.astype(jnp.int32), axis=1)
                          - 1, 0)
+  return _prefix_then_responses(config, params, prompt_ids_BxP, pvalid_BxP, response_ids_NxR,
+                                rmask_NxRxR, rpos_NxR, G, lora)
+
+
+def decoder_hidden_packed(config: ModelConfig, params: Mapping[str, Any],
+                          prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
+                          packed_ids_BxT: jax.Array, segment_BxT: jax.Array,
+                          position_BxT: jax.Array, valid_BxT: jax.Array, *,
+                          lora: lora_lib.LoraConfig | None = None):
+  """`decoder_hidden_shared_prefix` with each group's responses packed into one row: no padding.
+
+  Row b of `packed_ids_BxT` holds prompt b's responses one after the other (response g at
+  segment id g, positions `position_BxT` continuing the prompt's); a response token sees every
+  real prompt token and the real tokens of its own segment up to itself (`valid_BxT`), never
+  another response. Padding (segment -1, not valid) is seen by nothing. The layers run on
+  [B, P] + [B, T] tokens (T = the packed length) instead of [B, P] + [N, R]: with responses of
+  unequal lengths T is about their sum, not G times the longest.
+
+  Returns (prompt_last_BxE, packed_hidden_BxTxE).
+  """
+  T = packed_ids_BxT.shape[1]
+  segment_BxT = jnp.where(valid_BxT.astype(jnp.bool_), segment_BxT, -1)
+  same_BxTxT = segment_BxT[:, :, None] == segment_BxT[:, None, :]
+  rmask_BxTxT = (jnp.tril(jnp.ones((T, T), jnp.bool_))[None] & same_BxTxT
+                 & (segment_BxT >= 0)[:, None, :])
+  return _prefix_then_responses(config, params, prompt_ids_BxP,
+                                prompt_mask_BxP.astype(jnp.bool_), packed_ids_BxT, rmask_BxTxT,
+                                position_BxT, 1, lora)
+
+
+def _prefix_then_responses(config, params, prompt_ids_BxP, pvalid_BxP, response_ids_NxR,
+                           rmask_NxRxR, rpos_NxR, G, lora):
+  """The layer scan of the shared-prefix forwards: in each layer the prompt block [B, P] runs
+  first; the response block [N = B*G, R] attends to its prompt's keys / values (repeated G times)
+  and to the response keys allowed by `rmask_NxRxR`."""
+  B, P = prompt_ids_BxP.shape
+  N, R = response_ids_NxR.shape
+  dt = jnp.dtype(config.dtype)
+  pmask_BxPxP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & pvalid_BxP[:, None, :]
+  rmask_NxRxS = jnp.concatenate([
+      jnp.broadcast_to(jnp.repeat(pvalid_BxP, G, axis=0)[:, None, :], (N, R, P)), rmask_NxRxR],
+      axis=2)
+  ppos_BxP = default_positions(pvalid_BxP)
   inv_freq = rope_inv_freq(config)
   pcos, psin = rope_cos_sin(ppos_BxP, inv_freq)
   rcos, rsin = rope_cos_sin(rpos_NxR, inv_freq)
