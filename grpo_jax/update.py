@@ -264,14 +264,16 @@ class Packing:
 def response_packing(model_config, response_len: int, group_size: int,
                      align: int = TRIM_ALIGN) -> Packing | None:
   """The packed lengths for groups of `group_size` responses of up to `response_len` tokens:
-  G*R/8 * (1, 1.5, 2, 3, 4, 5, 6, 7), rounded up to `align` (a packed group wastes at most a third
-  of its row, at most a fifth from G*R/2 on); None for a single response per group. `model_config`
+  G*R/16 * (2, 3, 4, 5, 6, 7, 8, 10, 12, 14), rounded up to `align` (a packed group wastes at most
+  a third of its row, at most a fifth from G*R/4 on); None for a single response per group. Each
+  kept length is one more branch compiled into the update (compile time). `model_config`
   sets the cost model and the memory check (use the one the update runs: remat included)."""
   if group_size < 2:
     return None
   full = group_size * response_len
   lengths = sorted({-(-int(full * f) // align) * align
-                    for f in (1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+                    for f in (2 / 16, 3 / 16, 4 / 16, 5 / 16, 6 / 16, 7 / 16, 8 / 16, 10 / 16,
+                              12 / 16, 14 / 16)
                     if full * f >= align and -(-int(full * f) // align) * align < full})
   c = model_config
   E, H, K, D, F = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
