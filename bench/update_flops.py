@@ -28,10 +28,10 @@ program of its bucket (`update.response_buckets(R)`), against every micro-batch 
 (untrimmed) and the ideal on the real lengths. With --time also the wall time of one
 `train_step` (shared, AdamW, SmolLM2-135M weights) with and without `buckets`.
 
-Packed: the shared path with `update.response_packing` as well: a group whose lengths sum to at
-most a packed length runs its responses one after the other in one row of that length (the
-smallest that holds them), the others padded at R; "packed_micro_buckets" lists each group's
-packed length (0: padded).
+Packed: the shared path with `update.response_packing` as well: each group runs the cheapest
+branch that holds it (`update.branch_costs`): trimmed to a bucket r that holds its longest
+response, or its responses one after the other in one packed row of T that holds their sum;
+"packed_micro_buckets" lists each group's choice (rN: trimmed to N, TN: packed in N).
 
 --time: one update (`update.train_step`, jitted, AdamW) on the real SmolLM2-135M-Instruct weights,
 plain vs shared, B prompts as below, after a warm-up call, `block_until_ready` before reading the
@@ -105,13 +105,23 @@ def ragged_flops(cfg, P, G, R, lengths_BxG, rows_per_micro_plain=4) -> dict:
            for r in sorted(set(used) | {R})}
     out[name] = {"untrimmed": len(used) * per[R], "trimmed": sum(per[r] for r in used),
                  "micro_buckets": used}
-  # Packed (shared, `update.response_packing`): a group runs packed in the smallest packed
-  # length that holds the sum of its lengths, else padded at R (`update._trimmed`).
-  lengths = update.packed_lengths(update.response_packing(cfg, R, G), P, G, R)
-  packed = [next((t for t in lengths if t >= int(s)), 0) for s in lengths_BxG.sum(axis=1)]
-  per = {t: extrapolated_flops(cfg, 1, P, G, R, shared=True, packed=t) for t in set(packed)}
-  out["packed"] = {"untrimmed": out["shared"]["untrimmed"], "trimmed": sum(per[t] for t in packed),
-                   "micro_buckets": packed}
+  # Packed (shared, `update.response_packing`): of the buckets that hold the group's longest
+  # response and the packed lengths that hold the sum of its lengths, the cheapest by
+  # `update.branch_costs` runs (as `update._trimmed` chooses).
+  packing = update.response_packing(cfg, R, G)
+  lengths = update.packed_lengths(packing, P, G, R)
+  costs = update.branch_costs(packing, buckets, lengths, P, G)
+  choices = [(r, 0) for r in buckets] + [(R, t) for t in lengths]
+  packed = []
+  for g in lengths_BxG:
+    holds = [g.max() <= r for r in buckets] + [g.sum() <= t for t in lengths]
+    packed.append(min((c, i) for i, (c, h) in enumerate(zip(costs, holds)) if h)[1])
+  per = {i: (extrapolated_flops(cfg, 1, P, G, R, shared=True, packed=choices[i][1])
+             if choices[i][1] else extrapolated_flops(cfg, 1, P, G, choices[i][0], shared=True))
+         for i in set(packed)}
+  out["packed"] = {"untrimmed": out["shared"]["untrimmed"], "trimmed": sum(per[i] for i in packed),
+                   "micro_buckets": [f"T{choices[i][1]}" if choices[i][1] else f"r{choices[i][0]}"
+                                     for i in packed]}
   out["ideal"] = ideal_ragged_flops(cfg, P, lengths_BxG)
   return out
 

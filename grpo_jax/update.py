@@ -287,7 +287,8 @@ def packed_lengths(packing: Packing, prompt_len: int, group_size: int,
   """The lengths of `packing` whose packed row costs less than the group's G padded rows of
   `response_len` (`Packing.keys_per_token`) and whose activations (`activation_bytes`: a packed
   row's attention is [T, P + T]) are no larger than theirs (the memory `plan_update` sized the
-  micro-batch for): the branches `_trimmed` compiles."""
+  micro-batch for): the packed branches `_trimmed` compiles next to the trimmed buckets (where a
+  bucket holds the batch for less, it runs instead)."""
   P, G, R = prompt_len, group_size, response_len
   cost = lambda tokens, keys: tokens * (1 + keys / packing.keys_per_token)
   mcfg = packing.model_config
@@ -295,6 +296,16 @@ def packed_lengths(packing: Packing, prompt_len: int, group_size: int,
                                     <= activation_bytes(mcfg, G, P, R, group_size=G,
                                                         remat=mcfg.remat))
   return tuple(t for t in packing.lengths if cost(t, P + t) < cost(G * R, P + R) and fits(t))
+
+
+def branch_costs(packing: Packing, buckets: tuple[int, ...], lengths: tuple[int, ...],
+                 prompt_len: int, group_size: int) -> list[float]:
+  """Cost per group of each branch of `_trimmed` (buckets, then packed lengths), in units of a
+  token's matmuls: bucket r is G rows of r tokens over P + r keys, packed T one row of T tokens
+  over P + T keys."""
+  P, G = prompt_len, group_size
+  cost = lambda tokens, keys: tokens * (1 + keys / packing.keys_per_token)
+  return [cost(G * r, P + r) for r in buckets] + [cost(t, P + t) for t in lengths]
 
 
 def _packing_for(packing: Packing | None, buckets, group_size) -> Packing | None:
@@ -336,27 +347,31 @@ def _trimmed(fn, batch: dict[str, jax.Array], response_len: int,
   compiled once, only the chosen one runs). Right of a row's last real token there is only
   padding (attn_mask 0, loss / KL masks 0), which no real token attends to: the results are equal.
 
-  With `packing` (whole groups of `group_size`) the branches are instead the packed lengths T
-  that cost less than the untrimmed batch, `fn(batch, R, T)`, then `fn(batch, R, 0)`: the
-  smallest T that holds the largest sum of a group's response extents runs, else the padded one."""
+  With `packing` (whole groups of `group_size`) the packed lengths T of `packed_lengths` are
+  branches too, `fn(batch, R, T)`: of the branches that hold the batch (a bucket r >= every
+  response's extent, a T >= every group's sum of extents) the cheapest by the cost model of
+  `Packing.keys_per_token` runs."""
   if not buckets:
     return fn(batch, response_len, 0)
   if buckets[-1] != response_len:
     raise ValueError(f"buckets: the last must be the response length {response_len}, got "
                      f"{buckets}")
   extent_N = _response_extent(batch["attn_mask"], response_len)
-  if packing:
-    G, R = group_size, response_len
-    lengths = packed_lengths(packing, batch["tokens"].shape[1] - R, G, R)
-    if lengths:
-      need = jnp.max(jnp.sum(extent_N.reshape(-1, G), axis=1))
-      index = jnp.searchsorted(jnp.asarray(lengths), need)  # len(lengths): the padded branch.
-      branches = [functools.partial(lambda t, b: fn(b, R, t), t) for t in lengths]
-      return jax.lax.switch(index, branches + [lambda b: fn(b, R, 0)], batch)
   extent = jnp.max(extent_N)
-  index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), extent), len(buckets) - 1)
   branches = [functools.partial(lambda r, b: fn(_trim(b, response_len, r), r, 0), r)
               for r in buckets]
+  lengths = ()
+  if packing:
+    G, R, P = group_size, response_len, batch["tokens"].shape[1] - response_len
+    lengths = packed_lengths(packing, P, G, R)
+  if not lengths:
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), extent), len(buckets) - 1)
+    return jax.lax.switch(index, branches, batch)
+  costs = jnp.asarray(branch_costs(packing, buckets, lengths, P, G))
+  need = jnp.max(jnp.sum(extent_N.reshape(-1, G), axis=1))
+  holds = jnp.concatenate([extent <= jnp.asarray(buckets), need <= jnp.asarray(lengths)])
+  index = jnp.argmin(jnp.where(holds, costs, jnp.inf))  # Bucket R always holds.
+  branches += [functools.partial(lambda t, b: fn(b, R, t), t) for t in lengths]
   return jax.lax.switch(index, branches, batch)
 
 

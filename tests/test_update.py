@@ -408,6 +408,27 @@ def test_micro_batches_by_length_pick_their_own_bucket(group):
                                 np.arange(len(rows)))
 
 
+def test_packed_or_trimmed_whichever_costs_less():
+  """SmolLM2, P = 256, G = 8, R = 128: a group of equal 16-token responses runs trimmed to the
+  16 bucket (8 x 16 tokens over 272 keys) rather than packed into the smallest row (128 tokens
+  over 384 keys); one long and seven short responses run packed; every response at 128 runs the
+  full bucket."""
+  P8, G8, R8 = 256, 8, 128
+  packing = update.response_packing(_smollm2_config(), R8, G8)
+
+  def chosen(lengths):
+    rmask = (np.arange(R8)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    batch = {"tokens": jnp.zeros((G8, P8 + R8), jnp.int32),
+             "attn_mask": jnp.asarray(np.concatenate([np.ones((G8, P8), np.int32), rmask], 1))}
+    r, t = update._trimmed(lambda b, r, t: (jnp.int32(r), jnp.int32(t)), batch, R8,
+                           update.response_buckets(R8), packing, G8)
+    return int(r), int(t)
+
+  assert chosen([16] * 8) == (16, 0)
+  assert chosen([60] + [5] * 7) == (128, 128)
+  assert chosen([128] * 8) == (128, 0)
+
+
 @pytest.mark.parametrize("kind", ["full", pytest.param("sharded_lora", marks=pytest.mark.slow)])
 def test_trimmed_update_equals_untrimmed(kind):
   """On ragged responses, the update with micro-batches ordered by length and trimmed to buckets
@@ -513,9 +534,13 @@ def test_packed_micro_batches_pick_the_smallest_row_that_holds_their_groups():
 
 def test_packed_logprobs_and_entropy_equal_the_plain_forward():
   """`response_logprobs` with packed groups: log-probs and entropies of every response token
-  (0 on padding) equal the plain forward's, rows of very different lengths side by side."""
+  (0 on padding) equal the plain forward's, rows of very different lengths side by side, two of
+  them with a hole in their mask (the token after the hole is predicted from the hole's hidden
+  state, which sees its response's earlier tokens in both layouts)."""
   graphdef, params = _tiny()
   batch = _ragged_batch(seed=2)
+  # Rows 1 and 5 run to their group's length (5 and 12): a hole at response positions 1 and 6.
+  batch["attn_mask"] = batch["attn_mask"].at[1, P + 1].set(0).at[5, P + 6].set(0)
   fn = jax.jit(lambda g, t: update.response_logprobs(
       graphdef, params, batch["tokens"], batch["attn_mask"], RT, with_entropy=True,
       temperature=0.7, group_size=g, packed=t), static_argnums=(0, 1))

@@ -573,17 +573,18 @@ def decoder_hidden_packed(config: ModelConfig, params: Mapping[str, Any],
   Row b of `packed_ids_BxT` holds prompt b's responses one after the other (response g at
   segment id g, positions `position_BxT` continuing the prompt's); a response token sees every
   real prompt token and the real tokens of its own segment up to itself (`valid_BxT`), never
-  another response. Padding (segment -1, not valid) is seen by nothing. The layers run on
+  another response. Padding (segment -1) is seen by nothing; a not-valid position inside a
+  segment is seen by nothing and sees its segment's earlier real tokens, as in the unpacked
+  layout (its hidden state predicts the token after it). The layers run on
   [B, P] + [B, T] tokens (T = the packed length) instead of [B, P] + [N, R]: with responses of
   unequal lengths T is about their sum, not G times the longest.
 
   Returns (prompt_last_BxE, packed_hidden_BxTxE).
   """
   T = packed_ids_BxT.shape[1]
-  segment_BxT = jnp.where(valid_BxT.astype(jnp.bool_), segment_BxT, -1)
   same_BxTxT = segment_BxT[:, :, None] == segment_BxT[:, None, :]
-  rmask_BxTxT = (jnp.tril(jnp.ones((T, T), jnp.bool_))[None] & same_BxTxT
-                 & (segment_BxT >= 0)[:, None, :])
+  key_BxT = valid_BxT.astype(jnp.bool_) & (segment_BxT >= 0)
+  rmask_BxTxT = jnp.tril(jnp.ones((T, T), jnp.bool_))[None] & same_BxTxT & key_BxT[:, None, :]
   return _prefix_then_responses(config, params, prompt_ids_BxP,
                                 prompt_mask_BxP.astype(jnp.bool_), packed_ids_BxT, rmask_BxTxT,
                                 position_BxT, 1, lora)
