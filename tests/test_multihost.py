@@ -52,7 +52,7 @@ def launch_2x2(workdir, *overrides, logdir, cache_dir, env=None, wait=True, conf
       start_new_session=True)  # its own process group: a failed test can end all of it
   if not wait:
     return proc
-  out, _ = proc.communicate(timeout=400)
+  out, _ = proc.communicate(timeout=600)
   if proc.returncode != 0:
     logs = "".join(_tail(os.path.join(logdir, f"process_{i}.log")) for i in range(2))
     pytest.fail(f"launch/local.sh exited {proc.returncode}:\n{out}\n{logs}")
@@ -263,8 +263,10 @@ SEARCH = f"--config={ROOT}/configs/search_r1_tiny.py"
 @pytest.mark.slow
 def test_search_two_processes_match_one_process(tmp_path):
   """configs/search_r1_tiny.py, 2 steps (eval, export, checkpoint at step 2): 2 processes x 2
-  devices, each with its own BM25 server and its own half of the rows, against 1 x 4."""
-  quick = ("--config.train.num_steps=2",)
+  devices, each with its own BM25 server and its own half of the rows, against 1 x 4. Responses
+  untrimmed: trimming is one global computation whatever the layout (tested on the 8-device mesh
+  in tests/test_update.py), and its branches would double what both runs compile."""
+  quick = ("--config.train.num_steps=2", "--config.train.trim_responses=false")
   wd22, wd14 = tmp_path / "search_2x2", tmp_path / "search_1x4"
   launch_2x2(wd22, *quick, logdir=tmp_path / "logs", cache_dir=None, config=SEARCH)
   run_1x4(wd14, *quick, config=SEARCH)

@@ -1,8 +1,11 @@
 """The multi-turn search rollout with a scripted generator and the real BM25 server on loopback."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from grpo_jax import retriever as rt
@@ -215,6 +218,36 @@ def test_trainer_loss_ignores_retrieved_tokens(server, agg_mode, ratio_level):
 
   for a, b in zip(step(batch), step(perturbed(info))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # The trainer's default path: the 4 responses (one prompt) packed into one row after their
+  # shared prompt, retrieved tokens attended but out of the loss. The same invariance, and the
+  # gradient of the unpacked shared-prefix step (an "optimizer" that keeps the gradient).
+  extent = np.asarray(update._response_extent(batch["attn_mask"][:4], R))
+  assert extent.sum() < 4 * extent.max()  # ragged: the packed row is the cheapest branch
+  packing = update.Packing((int(extent.sum()),), keys_per_token=1e9)
+  keep = optax.GradientTransformation(
+      lambda p: jax.tree.map(jnp.zeros_like, p),
+      lambda g, state, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def grads_of_step(b, packed):
+    state = update.TrainState(params=params, opt_state=keep.init(params),
+                              step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0),
+                              skipped=jnp.zeros((), jnp.int32))
+    new, _ = update.train_step(
+        state, {k: v[:4] for k, v in b.items()}, graphdef=graphdef, tx=keep, rl=rl,
+        response_len=R, num_micro=1, temperature=1.0, group_size=4,
+        buckets=update.response_buckets(R) if packed else None,
+        packing=packing if packed else None)
+    return jax.tree.leaves(new.opt_state)
+
+  packed = grads_of_step(batch, True)
+  for a, b in zip(packed, grads_of_step(perturbed(info), True)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(packed, grads_of_step(batch, False)):
+    scale = float(np.max(np.abs(b)))
+    assert scale > 0
+    np.testing.assert_allclose(a, b, atol=1e-4 * scale)
 
 
 @pytest.mark.slow
