@@ -115,7 +115,6 @@ def compiled_memory(args, group: int, naive: bool) -> dict:
 
 def rss_worker(args) -> dict:
   """Runs one generate call for real and returns this process's peak RSS."""
-  import resource
 
   import jax
   import numpy as np
@@ -170,7 +169,6 @@ def grpo_step_overrides(model_dir: str, workdir: str) -> list[str]:
 
 def grpo_step_worker(args) -> dict:
   """One GRPO step of `train.run` in this process; its peak RSS and the update plan."""
-  import resource
   import tempfile
   import time
 
@@ -204,7 +202,6 @@ def grpo_step_worker(args) -> dict:
 
 def trl_step_worker(args) -> dict:
   """One GRPOTrainer step on the same folder and settings; its peak RSS."""
-  import resource
   import tempfile
   import time
 

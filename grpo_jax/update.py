@@ -271,10 +271,11 @@ def response_packing(model_config, response_len: int, group_size: int,
   if group_size < 2:
     return None
   full = group_size * response_len
-  lengths = sorted({-(-int(full * f) // align) * align
-                    for f in (2 / 16, 3 / 16, 4 / 16, 5 / 16, 6 / 16, 7 / 16, 8 / 16, 10 / 16,
-                              12 / 16, 14 / 16)
-                    if full * f >= align and -(-int(full * f) // align) * align < full})
+  rounded = {-(-int(full * f) // align) * align
+             for f in (2 / 16, 3 / 16, 4 / 16, 5 / 16, 6 / 16, 7 / 16, 8 / 16, 10 / 16, 12 / 16,
+                       14 / 16)
+             if full * f >= align}
+  lengths = sorted(t for t in rounded if t < full)
   c = model_config
   E, H, K, D, F = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
   linear = 2 * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 2 * E * c.vocab_size / c.num_layers
@@ -290,7 +291,7 @@ def packed_lengths(packing: Packing, prompt_len: int, group_size: int,
   micro-batch for): the packed branches `_trimmed` compiles next to the trimmed buckets (where a
   bucket holds the batch for less, it runs instead)."""
   P, G, R = prompt_len, group_size, response_len
-  cost = lambda tokens, keys: tokens * (1 + keys / packing.keys_per_token)
+  cost = functools.partial(_cost, packing)
   mcfg = packing.model_config
   fits = lambda t: mcfg is None or (activation_bytes(mcfg, 1, P, t, group_size=1, remat=mcfg.remat)
                                     <= activation_bytes(mcfg, G, P, R, group_size=G,
@@ -304,8 +305,13 @@ def branch_costs(packing: Packing, buckets: tuple[int, ...], lengths: tuple[int,
   token's matmuls: bucket r is G rows of r tokens over P + r keys, packed T one row of T tokens
   over P + T keys."""
   P, G = prompt_len, group_size
-  cost = lambda tokens, keys: tokens * (1 + keys / packing.keys_per_token)
+  cost = functools.partial(_cost, packing)
   return [cost(G * r, P + r) for r in buckets] + [cost(t, P + t) for t in lengths]
+
+
+def _cost(packing: Packing, tokens: int, keys: int) -> float:
+  """`tokens` response positions, each attending to `keys` positions (`Packing.keys_per_token`)."""
+  return tokens * (1 + keys / packing.keys_per_token)
 
 
 def _packing_for(packing: Packing | None, buckets, group_size) -> Packing | None:
