@@ -231,8 +231,7 @@ def spawn_grpo_step(model_dir: str, trl: bool = False) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--step-worker", "trl" if trl else "jax",
          "--model-dir", model_dir]
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One CPU device, as a user runs it,
-  env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # fully optimised (the tests set this).
+  env.pop("XLA_FLAGS", None)  # One CPU device, as a user runs it.
   env["JAX_PLATFORMS"] = "cpu"
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")

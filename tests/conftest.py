@@ -10,11 +10,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # second time from deserialized executables aborted inside XLA:CPU (jax 0.10.2,
 # test_failing_reward_keeps_finished_steps); every process compiles for itself.
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-# Less optimised XLA:CPU code (LLVM at -O0, no expensive passes): the tests check what programs
-# compute, not how fast, and most of their time is compiling. The suite ran 25-50 % faster on the
-# tiny-model tests with it and no slower on the real model's (2026-11-30); set in the environment
-# so that the runs tests start as subprocesses inherit it. `bench/` and users run fully optimised.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
