@@ -90,6 +90,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -237,11 +238,17 @@ def worker_jax(args) -> dict:
 def trl_config(args, output_dir: str):
   import trl
   n = args.batch * args.group
+  # Micro-batches of --trl-micro rows (gradient accumulation); the rollout stays one batch of n
+  # rows and one optimizer step (steps_per_generation = the accumulation count).
+  micro = getattr(args, "trl_micro", 0) or n
+  if n % micro:
+    raise ValueError(f"--trl-micro: expected a divisor of B*G = {n}, got {micro}")
   return trl.GRPOConfig(
       output_dir=output_dir, report_to="none", save_strategy="no", logging_steps=10**6,
       disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
       seed=0, data_seed=0, shuffle_dataset=False, dataloader_num_workers=0,
-      per_device_train_batch_size=n, gradient_accumulation_steps=1, steps_per_generation=1,
+      per_device_train_batch_size=micro, gradient_accumulation_steps=n // micro,
+      steps_per_generation=n // micro,
       num_generations=args.group, num_iterations=1, max_steps=args.warmup + args.steps,
       max_completion_length=args.new_tokens,
       generation_kwargs={} if args.natural else {"min_new_tokens": args.new_tokens},
@@ -522,11 +529,22 @@ def write_model(args) -> dict:
   from grpo_jax.testing import tokenizer as tiny_tok
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_tok.default_tokenizer_dir())
-  config = ModelConfig(vocab_size=len(tokenizer), hidden_size=args.hidden,
-                       intermediate_size=4 * args.hidden, num_layers=args.layers,
-                       num_heads=args.hidden // 64, num_kv_heads=max(args.hidden // 256, 1),
-                       head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       attention_bias=True, model_type="qwen2", max_position_embeddings=4096)
+  if args.shape == "qwen2.5-0.5b":
+    # Qwen2.5-0.5B's sizes (24 layers, E = 896, MLP 4864, 14 q / 2 kv heads of 64, tied
+    # 151,936-row embedding) as a Llama (no q/k/v bias: 27.6 K of 494 M parameters), so that
+    # Tunix's Llama3 loader reads it too. Its vocabulary is the real model's: the LM head is 28 %
+    # of the parameters. The tiny tokenizer's 180 ids write the prompts; the ids the random model
+    # samples beyond them decode to nothing (every trainer's reward sees the same kind of text).
+    config = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_layers=args.layers or 24, num_heads=14, num_kv_heads=2, head_dim=64,
+                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         attention_bias=False, model_type="llama", max_position_embeddings=32768)
+  else:
+    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=args.hidden,
+                         intermediate_size=4 * args.hidden, num_layers=args.layers or 4,
+                         num_heads=args.hidden // 64, num_kv_heads=max(args.hidden // 256, 1),
+                         head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         attention_bias=True, model_type="qwen2", max_position_embeddings=4096)
   model = Decoder(config, rngs=nnx.Rngs(0))
   save_pretrained(model, args.path, hf_config_extra={
       "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -562,7 +580,8 @@ def _spawn(kind: str, args, extra: list[str]) -> dict:
          "--batch", str(args.batch), "--group", str(args.group),
          "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
          "--steps", str(args.steps), "--warmup", str(_warmup(args, kind)),
-         "--threads", str(args.threads), "--tunix-micro", str(args.tunix_micro)] + (
+         "--threads", str(args.threads), "--tunix-micro", str(args.tunix_micro),
+         "--trl-micro", str(args.trl_micro)] + (
              ["--natural"] if args.natural else []) + extra
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, not the test suite's eight.
@@ -573,6 +592,10 @@ def _spawn(kind: str, args, extra: list[str]) -> dict:
   if kind == "tunix":
     env.pop("PYTHONPATH", None)  # Its own venv: nothing of ours or of the CI venv.
   res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if res.returncode == -signal.SIGKILL:
+    # The kernel's OOM killer (or a person): a result, not a crash of the benchmark. The other
+    # workers go on; the table says which one never finished.
+    return {"killed_after_s": time.perf_counter() - t, "records": []}
   if res.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{res.stderr[-6000:]}")
   out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -608,8 +631,12 @@ def main():
                  help="untimed first steps of the TRL worker (default: --warmup)")
   p.add_argument("--rounds", type=int, default=2, help="jax/trl worker pairs, alternated")
   p.add_argument("--threads", type=int, default=2, help="threads/cores per worker (0: all)")
-  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--layers", type=int, default=0, help="layers of the random model (0: 4, or "
+                 "the --shape's)")
   p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--shape", choices=["small", "qwen2.5-0.5b"], default="small",
+                 help="the random model: small (--layers/--hidden, Qwen2-like) or Qwen2.5-0.5B's "
+                 "sizes")
   p.add_argument("--json", help="write the raw results here")
   p.add_argument("--real", action="store_true", help="use SmolLM2-135M-Instruct (cached folder)")
   p.add_argument("--model-path", default=None, help="use this HF model folder")
@@ -624,6 +651,8 @@ def main():
                  "--warmup and settings; rounds are counted from the log)")
   p.add_argument("--tunix-micro", type=int, default=0,
                  help="prompts per Tunix training micro-batch (0: all B at once)")
+  p.add_argument("--trl-micro", type=int, default=0,
+                 help="rows per TRL training micro-batch (0: all B*G at once)")
   p.add_argument("--worker", choices=["jax", "trl", "tunix"])
   p.add_argument("--path")
   p.add_argument("--parity-out")
@@ -660,19 +689,27 @@ def main():
       print(f"no parity check: --impls {args.impls} does not start with jax", flush=True)
     names = {"jax": "grpo_jax", "trl": "trl", "tunix": "tunix"}
     results = {names[k]: [] for k in impls}
-    parity = {}
+    parity, killed = {}, {}
     for rnd in range(args.rounds):
       for kind in impls:
         extra = []
         if rnd == 0 and impls[0] == "jax":
           extra = ["--parity-out" if kind == "jax" else "--parity-in", parity_file]
         r = _spawn(kind, args, extra)
+        if "killed_after_s" in r:
+          print(json.dumps({"round": rnd, "impl": names[kind], "killed_after_s":
+                            round(r["killed_after_s"], 1)}), flush=True)
+          killed.setdefault(names[kind], []).append(round(r["killed_after_s"], 1))
+          continue
         results[names[kind]].append(r)
         if r.get("parity"):
           parity[names[kind]] = r["parity"]
         print(json.dumps({"round": rnd, "impl": names[kind], "peak_rss_mb": r["peak_rss_mb"],
                           "parity": r.get("parity"), "records": r["records"]}), flush=True)
+  results = {k: v for k, v in results.items() if v}
   report(args, info, results, parity)
+  for name, times in killed.items():
+    print(f"{name}: killed (SIGKILL: the OOM killer, see `dmesg`) after {times} s")
 
 
 def from_log(args) -> None:
@@ -685,7 +722,7 @@ def from_log(args) -> None:
       rec = json.loads(line)
       if "model" in rec:
         info = rec["model"]
-      elif "round" in rec:
+      elif "round" in rec and "records" in rec:
         results.setdefault(rec["impl"], []).append(rec)
         if rec.get("parity"):
           parity[rec["impl"]] = rec["parity"]
