@@ -7,6 +7,10 @@ r"""End-to-end GRPO step time: grpo_jax against TRL's `GRPOTrainer` and Tunix's 
       --new-tokens 48 --steps 2 --warmup 1 --rounds 2
   python bench/vs_trl.py --real --impls jax,trl,tunix --batch 2 --group 8 --prompt-len 256 \
       --new-tokens 128 --natural --steps 2 --warmup 1 --rounds 2
+  # A Qwen2.5-0.5B-shaped random model (494 M parameters; forced lengths), micro-batches of a group:
+  python bench/vs_trl.py --shape qwen2.5-0.5b --impls jax,trl,tunix --batch 1 --group 8 \
+      --prompt-len 256 --new-tokens 64 --steps 1 --warmup 1 --warmup-trl 0 --rounds 2 \
+      --tunix-micro 1 --trl-micro 8
 
 `--real` loads the cached SmolLM2-135M-Instruct folder (its weights and tokenizer) in every
 worker instead of writing a random model; `--model-path DIR` any HF folder. `--natural` lets
