@@ -242,36 +242,8 @@ def rollout_metrics(rewards_N, components, advantages_N, completion_mask_NxR, tr
   return out
 
 
-_PROGRAMS: dict = {}  # `_program`'s jitted functions, at most _MAX_PROGRAMS, oldest out first.
-_MAX_PROGRAMS = 32
-
-
-def _program(fn, *args, jit: dict | None = None, **kwargs):
-  """`jax.jit(functools.partial(fn, *args, **kwargs), **jit)`, one per distinct arguments in a
-  process: a second `run` with the same settings (a resumed run, a notebook, a test session)
-  calls the programs the first one compiled instead of compiling them again. The arguments are
-  the key (hashed by value: configs, graphdef, the optimizer from `update.make_optimizer`,
-  shardings), so two runs share a program only when it is the same program."""
-  leaves, treedef = jax.tree.flatten(jit or {})
-  key = (fn, args, tuple(sorted(kwargs.items())), treedef, tuple(leaves))
-  if key not in _PROGRAMS:
-    if len(_PROGRAMS) >= _MAX_PROGRAMS:
-      del _PROGRAMS[next(iter(_PROGRAMS))]
-    _PROGRAMS[key] = jax.jit(functools.partial(fn, *args, **kwargs), **(jit or {}))
-  return _PROGRAMS[key]
-
-
-def _take(tree, idx):
-  return jax.tree.map(lambda x: x[idx], tree)
-
-
-def _next_step(state):
-  return state.replace(step=state.step + 1)
-
-
 class Steps:
-  """The jitted functions of a run, compiled once per input shape (prompt length bucket) and
-  shared with later runs of the same settings in this process (`_program`)."""
+  """The jitted functions of a run, compiled once per input shape (prompt length bucket)."""
 
   def __init__(self, setup: Setup):
     from grpo_jax import sampling
@@ -290,12 +262,12 @@ class Steps:
     self.search = None
     if run.search.enabled:
       self.search = SearchRollouts(setup)
-    self.assemble = _program(
+    self.assemble = jax.jit(functools.partial(
         assemble_batch, group_size=r.group_size, num_groups=run.data.batch_size,
         estimator=run.rl.estimator, adv_eps=run.rl.adv_eps,
         filter_zero_std=run.rl.filter_zero_std_groups,
-        kl_on_filtered=run.rl.kl_on_filtered_groups)
-    self.rollout_metrics = _program(rollout_metrics, jit=dict(out_shardings=rep))
+        kl_on_filtered=run.rl.kl_on_filtered_groups))
+    self.rollout_metrics = jax.jit(rollout_metrics, out_shardings=rep)
     plan = setup.plan
     num_micro = run.minibatch // plan.microbatch
     temp = r.temperature if r.temperature > 0 else 1.0
@@ -307,12 +279,13 @@ class Steps:
         model_config(run, setup.tokenizer).replace(remat=plan.remat), r.max_new_tokens,
         r.group_size)
                if run.train.trim_responses and run.train.pack_responses else None)
-    train_step = _program(
-        update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
-        response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
-        lm_head_chunk=run.train.lm_head_chunk, group_size=group, buckets=buckets, packing=packing,
-        jit=dict(in_shardings=(setup.state_shardings, None, None),
-                 out_shardings=(setup.state_shardings, rep), donate_argnums=0))
+    train_step = jax.jit(
+        functools.partial(update.train_step, graphdef=setup.graphdef, tx=setup.tx, rl=run.rl,
+                          response_len=r.max_new_tokens, num_micro=num_micro, temperature=temp,
+                          lm_head_chunk=run.train.lm_head_chunk, group_size=group,
+                          buckets=buckets, packing=packing),
+        in_shardings=(setup.state_shardings, None, None), out_shardings=(setup.state_shardings, rep),
+        donate_argnums=0)
     self.train_step = lambda state, batch: train_step(state, batch, setup.frozen)
 
     # The old / reference forwards run over the whole rollout batch, always in whole groups.
@@ -320,11 +293,12 @@ class Steps:
                  else None)
 
     def logprobs(use_lora):
-      return _program(
+      return jax.jit(functools.partial(
           update.batched_response_logprobs, setup.graphdef, response_len=r.max_new_tokens,
           microbatch=plan.microbatch, temperature=temp, use_lora=use_lora,
           lm_head_chunk=run.train.lm_head_chunk, group_size=fwd_group, buckets=buckets,
-          packing=packing, jit=dict(out_shardings=batch_sh(2)))
+          packing=packing),
+          out_shardings=batch_sh(2))
     policy_logprobs, base_logprobs = logprobs(True), logprobs(False)
     self.logprobs = lambda params, toks, mask: policy_logprobs(params, toks, mask,
                                                                frozen=setup.frozen)
@@ -334,10 +308,11 @@ class Steps:
                                                                    frozen=setup.frozen)
     else:
       self.ref_logprobs = lambda _, toks, mask: policy_logprobs(setup.ref_params, toks, mask)
-    self.take = _program(_take)
-    self.finish_step = _program(_next_step, jit=dict(
-        in_shardings=(setup.state_shardings,), out_shardings=setup.state_shardings,
-        donate_argnums=0))
+    self.take = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree),
+                        out_shardings=None)
+    self.finish_step = jax.jit(lambda s: s.replace(step=s.step + 1),
+                               in_shardings=(setup.state_shardings,),
+                               out_shardings=setup.state_shardings, donate_argnums=0)
 
 
   def sample(self, policy_state, prompt_ids, prompt_mask, key, *, group_size=None,

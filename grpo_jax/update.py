@@ -70,12 +70,8 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
   return optax.join_schedules([warm, after], [config.warmup_steps])
 
 
-@functools.lru_cache(maxsize=16)
 def make_optimizer(config: OptimConfig, total_updates: int) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; the schedule counts optimizer updates.
-
-  The same object for the same arguments (it is pure): a program that closes over it is then
-  the same program, and `train` reuses its compilation across runs of one process."""
+  """AdamW with global-norm clipping; the schedule counts optimizer updates."""
   chain = []
   if config.max_grad_norm > 0:
     chain.append(optax.clip_by_global_norm(config.max_grad_norm))
